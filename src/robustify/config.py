@@ -1,0 +1,206 @@
+"""Typed, validated view of params.yaml.
+
+Snakemake validates the whole file against `workflow/schemas/params.schema.yaml` before any job
+runs (through `validate_params`, which names the offending key). Each CLI command then receives
+only its own section as JSON and turns it into one of the dataclasses below, so a method never
+reads params.yaml and a stale or hand-written argument still fails with the key named.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+import jsonschema
+import yaml
+
+SCHEMA_RELPATH = Path("workflow/schemas/params.schema.yaml")
+
+
+class ConfigError(ValueError):
+    """A params file or section is malformed; the message names the source and the key."""
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: file not found") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({e})") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    return data
+
+
+def deep_merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    """Merge like Snakemake's `--configfile`: nested mappings merge, everything else replaces."""
+    out = dict(base)
+    for k, v in override.items():
+        if isinstance(v, Mapping) and isinstance(out.get(k), Mapping):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def _key_path(error: jsonschema.ValidationError) -> str:
+    return ".".join(str(p) for p in error.absolute_path) or "<top level>"
+
+
+def _describe(error: jsonschema.ValidationError) -> str:
+    where = _key_path(error)
+    if error.validator == "additionalProperties":
+        allowed = sorted(error.schema.get("properties", {}))
+        extra = sorted(set(error.instance) - set(allowed)) if isinstance(error.instance, dict) else []
+        keys = ", ".join(f"{where}.{k}" if where != "<top level>" else k for k in extra)
+        hint = f" (allowed here: {', '.join(allowed)})" if allowed else ""
+        return f"unknown key {keys}{hint}"
+    if error.validator == "required":
+        return f"{where}: {error.message}"
+    return f"{where}: {error.message}"
+
+
+def validate_params(
+    params: Mapping[str, Any], schema_path: str | Path = SCHEMA_RELPATH, source: str = "params.yaml"
+) -> None:
+    """Validate against the JSON schema, then the cross-references a schema cannot express."""
+    schema = load_yaml(schema_path)
+    validator = jsonschema.Draft202012Validator(schema)
+    errors = sorted(validator.iter_errors(dict(params)), key=lambda e: list(e.absolute_path))
+    if errors:
+        lines = "\n  ".join(_describe(e) for e in errors)
+        raise ConfigError(f"{source}: invalid configuration:\n  {lines}")
+    problems = _cross_reference_problems(params)
+    if problems:
+        raise ConfigError(f"{source}: invalid configuration:\n  " + "\n  ".join(problems))
+
+
+def _cross_reference_problems(p: Mapping[str, Any]) -> list[str]:
+    from robustify.data.registry import dataset_names  # local: data layer imports config
+
+    models = set(p["models"])
+    datasets = set(dataset_names())
+    out = []
+    if p["pretrain"]["model"] not in models:
+        out.append(f"pretrain.model: '{p['pretrain']['model']}' is not defined under models")
+    for m in p["zeroshot"]["models"]:
+        if m not in models:
+            out.append(f"zeroshot.models: '{m}' is not defined under models")
+        elif p["models"][m]["checkpoint"] is None and m != p["pretrain"]["model"]:
+            out.append(
+                f"models.{m}.checkpoint: null means 'pre-trained by this pipeline', but pretrain.model is "
+                f"'{p['pretrain']['model']}'; give '{m}' a checkpoint path"
+            )
+    if p["zeroshot"]["dataset"] not in datasets:
+        out.append(f"zeroshot.dataset: unknown dataset '{p['zeroshot']['dataset']}' (known: {sorted(datasets)})")
+    mw = p["miniworld"]
+    if mw["reference_domain"] not in mw["domains"]:
+        out.append(f"miniworld.reference_domain: '{mw['reference_domain']}' is not in miniworld.domains")
+    for name, spec in p["eval_sets"].items():
+        if spec["dataset"] not in datasets:
+            out.append(f"eval_sets.{name}.dataset: unknown dataset '{spec['dataset']}' (known: {sorted(datasets)})")
+        elif spec["dataset"] == "miniworld" and spec.get("domain") not in mw["domains"]:
+            out.append(f"eval_sets.{name}.domain: '{spec.get('domain')}' is not in miniworld.domains")
+    return out
+
+
+def load_params(*paths: str | Path, schema_path: str | Path = SCHEMA_RELPATH) -> dict[str, Any]:
+    """Load params.yaml plus overrides (later files win, nested keys merge) and validate."""
+    merged: dict[str, Any] = {}
+    for path in paths:
+        merged = deep_merge(merged, load_yaml(path))
+    validate_params(merged, schema_path, source=" + ".join(str(p) for p in paths))
+    return merged
+
+
+# ---------------------------------------------------------------- typed sections
+T = TypeVar("T")
+
+
+def section(cls: type[T], data: Mapping[str, Any] | str, where: str) -> T:
+    """Build dataclass `cls` from a mapping (or its JSON), naming unknown or missing keys."""
+    if isinstance(data, str):
+        try:
+            data = json.loads(data)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{where}: expected a JSON object ({e})") from e
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)} (allowed: {', '.join(fields)})")
+    missing = [
+        n
+        for n, f in fields.items()
+        if n not in data and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
+    if missing:
+        raise ConfigError(f"{where}: missing key(s) {', '.join(missing)}")
+    return cls(**data)
+
+
+@dataclasses.dataclass(frozen=True)
+class MiniWorldConfig:
+    root: str
+    classes: list[str]
+    domains: list[str]
+    reference_domain: str
+    render_size: int
+    image_size: int
+    pretrain_pairs: int
+    train: int
+    val: int
+    test_per_domain: int
+    generic_noun_rate: float
+    wrong_shape_rate: float
+    workers: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """DESIGN §3: `{family, arch, checkpoint}`; checkpoint None means random init."""
+
+    family: str
+    arch: str
+    checkpoint: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class PretrainConfig:
+    model: str
+    dataset: str
+    steps: int
+    batch_size: int
+    lr: float
+    weight_decay: float
+    warmup_steps: int
+    shift_px: int
+    checkpoint_every: int
+
+
+@dataclasses.dataclass(frozen=True)
+class ZeroShotConfig:
+    models: list[str]
+    dataset: str
+    templates: list[str]
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalSetSpec:
+    dataset: str
+    split: str
+    shift_type: str
+    domain: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class EvaluateConfig:
+    batch_size: int
+    ece_bins: int
+    workers: int = 0
