@@ -1,0 +1,1 @@
+"""Datasets: a registry of named datasets, manifest-backed image loading, the generated mini-world."""

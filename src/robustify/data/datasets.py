@@ -1,0 +1,13 @@
+"""Built-in datasets. Each class is the whole definition of one dataset."""
+
+from __future__ import annotations
+
+from robustify.data.registry import Dataset, register
+
+
+@register
+class MiniWorld(Dataset):
+    """The generated embedded world (see `robustify.data.miniworld`); domains are a manifest column."""
+
+    name = "miniworld"
+    required_columns = ("path", "label", "split", "domain", "caption")

@@ -1,0 +1,87 @@
+"""Dataset registry (DESIGN §3): each dataset is one class registered by name.
+
+A dataset knows how to enumerate its (path, label) items — always through a `manifest.parquet` that
+its `prepare` stage wrote — its class names, and its evaluation protocol: `project_logits` maps the
+classifier's label space onto the dataset's (identity here; ObjectNet's max-over-mapped-classes and
+ImageNet-R/A's class masks override it). Adding a dataset is one file with one `@register` class.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import ClassVar
+
+import pandas as pd
+import torch
+
+from robustify.io import read_json, read_manifest
+
+_REGISTRY: dict[str, type[Dataset]] = {}
+
+
+def register(cls: type[Dataset]) -> type[Dataset]:
+    if cls.name in _REGISTRY:
+        raise ValueError(f"dataset '{cls.name}' registered twice")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def dataset_names() -> list[str]:
+    _load_builtin()
+    return sorted(_REGISTRY)
+
+
+def get_dataset(name: str, root: str | Path) -> Dataset:
+    _load_builtin()
+    if name not in _REGISTRY:
+        raise KeyError(f"unknown dataset '{name}' (registered: {', '.join(sorted(_REGISTRY))})")
+    return _REGISTRY[name](root)
+
+
+def _load_builtin() -> None:
+    import robustify.data.datasets  # noqa: F401  (registers the built-in datasets)
+
+
+class Dataset:
+    """A prepared dataset on disk: `<root>/manifest.parquet` (+ `<root>/dataset.json` for class names)."""
+
+    name: ClassVar[str]
+    required_columns: ClassVar[tuple[str, ...]] = ("path", "label", "split")
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        self._manifest: pd.DataFrame | None = None
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.root / "manifest.parquet"
+
+    @property
+    def classnames(self) -> list[str]:
+        info = read_json(self.root / "dataset.json")
+        return list(info["classes"])
+
+    def manifest(self) -> pd.DataFrame:
+        """All items, with `path` resolved (manifest paths are absolute or relative to the root)."""
+        if self._manifest is None:
+            df = read_manifest(self.manifest_path, self.required_columns)
+            df = df.copy()
+            df["path"] = [str(self.root / p) for p in df["path"]]
+            self._manifest = df
+        return self._manifest
+
+    def select(self, split: str, domain: str | None = None) -> pd.DataFrame:
+        df = self.manifest()
+        keep = df["split"] == split
+        if domain is not None:
+            if "domain" not in df.columns:
+                raise ValueError(f"{self.manifest_path}: has no 'domain' column but domain={domain!r} was asked")
+            keep &= df["domain"] == domain
+        out = df[keep].reset_index(drop=True)
+        if out.empty:
+            raise ValueError(f"{self.manifest_path}: no items with split={split!r}, domain={domain!r}")
+        return out
+
+    def project_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """Map classifier logits to this dataset's classes (identity when the label spaces agree)."""
+        return logits
