@@ -1,0 +1,1 @@
+"""Evaluation: metrics and the model × eval-set evaluation job."""

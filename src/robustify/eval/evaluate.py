@@ -1,0 +1,53 @@
+"""Evaluate one classifier on one eval set → result rows (DESIGN §5 schema).
+
+Images go through the model's own open_clip eval transform; logits are collected for the whole set
+and mapped by the dataset's `project_logits` before any metric, so metrics are dataset-level.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pandas as pd
+import torch
+
+from robustify.config import EvalSetSpec, EvaluateConfig
+from robustify.data.loading import ManifestImages
+from robustify.data.registry import Dataset
+from robustify.eval.metrics import classification_metrics
+from robustify.eval.schema import make_rows
+from robustify.models.clip import preprocess
+from robustify.models.zeroshot import ImageClassifier
+
+
+@torch.no_grad()
+def predict(
+    classifier: ImageClassifier, frame: pd.DataFrame, transform: Any, batch_size: int, workers: int, device: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits and labels for every row of `frame`, in order."""
+    loader = torch.utils.data.DataLoader(
+        ManifestImages(frame, transform), batch_size=batch_size, shuffle=False, num_workers=workers
+    )
+    classifier.to(device).eval()
+    logits, labels = [], []
+    for x, y in loader:
+        logits.append(classifier(x.to(device)).float().cpu())
+        labels.append(y)
+    return torch.cat(logits), torch.cat(labels)
+
+
+def evaluate(
+    classifier: ImageClassifier,
+    dataset: Dataset,
+    eval_name: str,
+    spec: EvalSetSpec,
+    cfg: EvaluateConfig,
+    context: dict[str, Any],
+    device: str = "cpu",
+) -> pd.DataFrame:
+    frame = dataset.select(spec.split, spec.domain)
+    logits, labels = predict(classifier, frame, preprocess(classifier.encoder), cfg.batch_size, cfg.workers, device)
+    logits = dataset.project_logits(logits)
+    metrics = classification_metrics(logits, labels, cfg.ece_bins)
+    ctx = {**context, "eval_dataset": eval_name, "shift_type": spec.shift_type}
+    return make_rows(ctx, metrics, n=len(labels))

@@ -1,0 +1,1 @@
+"""Training methods: mini-world CLIP pre-training (fine-tuning, post-hoc and distillation follow)."""

@@ -1,0 +1,1 @@
+"""Aggregation of metric parquets, tables, summaries (pure functions of all_metrics.parquet)."""

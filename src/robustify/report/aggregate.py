@@ -1,0 +1,40 @@
+"""Collect every metric parquet into one table, and the small summaries built from it."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from robustify.eval.schema import conform
+
+
+def aggregate(paths: Iterable[str | Path]) -> pd.DataFrame:
+    frames = []
+    for p in paths:
+        p = Path(p)
+        if not p.is_file():
+            raise FileNotFoundError(f"metric file not found: {p}")
+        frames.append(conform(pd.read_parquet(p), source=str(p)))
+    if not frames:
+        raise ValueError("no metric files to aggregate")
+    df = pd.concat(frames, ignore_index=True)
+    key = ["model_id", "eval_dataset", "corruption", "severity", "metric"]
+    dupes = df[df.duplicated(key, keep=False)]
+    if not dupes.empty:
+        raise ValueError(f"duplicate measurements for {dupes[key].drop_duplicates().head().to_dict('records')}")
+    return df
+
+
+def summary(df: pd.DataFrame) -> dict[str, Any]:
+    """Nested {model_id: {eval_dataset: {metric: value}}} (a DVC metrics file), plus shift means."""
+    out: dict[str, Any] = {}
+    for row in df.itertuples(index=False):
+        out.setdefault(row.model_id, {}).setdefault(row.eval_dataset, {})[row.metric] = round(float(row.value), 6)
+    for model_id, part in df.groupby("model_id", sort=False):
+        shifted = part[(part["shift_type"] != "reference") & (part["metric"] == "accuracy")]
+        if not shifted.empty:
+            out[model_id]["shift_mean_accuracy"] = round(float(shifted["value"].mean()), 6)
+    return out
