@@ -1,0 +1,288 @@
+"""`robustify <stage> ...`: the one command each Snakemake rule runs.
+
+Every stage command receives its typed section of params.yaml as JSON (the rule's `params:`, so a
+changed value reruns the job), explicit input/output paths, and runs inside one MLflow run.
+Settings that must not trigger reruns (MLflow experiment, device) come from the environment the
+Snakefile sets: `ROBUSTIFY_EXPERIMENT`, `ROBUSTIFY_DEVICE`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("robustify")
+
+
+# ------------------------------------------------------------------ shared helpers
+def _json_arg(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"expected JSON ({e})") from e
+
+
+def _wildcards(items: Sequence[str]) -> dict[str, str]:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--wildcard expects key=value, got {item!r}")
+        out[key] = value
+    return out
+
+
+def resolve_device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("device 'cuda' was requested (params.yaml: device) but no CUDA device is visible")
+    return name
+
+
+def _setup_torch(threads: int | None) -> None:
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+
+
+def _stage_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (the rule's `threads`)")
+    p.add_argument("--wildcard", action="append", default=[], metavar="KEY=VALUE", help="tagged on the MLflow run")
+    p.add_argument("--experiment", default=os.environ.get("ROBUSTIFY_EXPERIMENT", "robustify"))
+    p.add_argument("--device", default=os.environ.get("ROBUSTIFY_DEVICE", "auto"), choices=["auto", "cpu", "cuda"])
+
+
+# ------------------------------------------------------------------ stages
+def cmd_miniworld(a: argparse.Namespace) -> None:
+    from robustify.config import MiniWorldConfig, section
+    from robustify.data.miniworld import generate
+    from robustify.tracking import job_run
+
+    cfg = section(MiniWorldConfig, a.params, "miniworld")
+    with job_run("miniworld", {"miniworld": a.params, "seed": a.seed}, a.experiment, _wildcards(a.wildcard)) as run:
+        t0 = time.perf_counter()
+        manifest = generate(cfg, a.seed, a.out, progress=True)
+        counts = manifest.groupby(["split", "domain"]).size()
+        log.info("wrote %d images to %s\n%s", len(manifest), a.out, counts.to_string())
+        run.log_metrics({"images": len(manifest), "seconds": time.perf_counter() - t0})
+        run.log_artifact(Path(a.out) / "dataset.json")
+
+
+def cmd_pretrain(a: argparse.Namespace) -> None:
+    import open_clip
+
+    from robustify.config import ModelSpec, PretrainConfig, section
+    from robustify.data.loading import load_uint8_stack
+    from robustify.data.registry import get_dataset
+    from robustify.io import params_hash
+    from robustify.methods.pretrain_clip import PairData, pretrain
+    from robustify.models.clip import create_clip, save_clip, tokenizer
+    from robustify.tracking import job_run
+
+    cfg = section(PretrainConfig, a.params, "pretrain")
+    spec = section(ModelSpec, a.model_spec, f"models.{cfg.model}")
+    _setup_torch(a.threads)
+    params = {"pretrain": a.params, "model": a.model_spec, "seed": a.seed}
+    with job_run("pretrain", params, a.experiment, _wildcards(a.wildcard)) as run:
+        dataset = get_dataset(cfg.dataset, a.dataset_root)
+        pairs = dataset.select("pretrain")
+        if pairs["caption"].isna().any():
+            raise SystemExit(f"{dataset.manifest_path}: pretrain items without a caption")
+        log.info("decoding %d pre-training images", len(pairs))
+        images = load_uint8_stack(pairs["path"].tolist())
+        tokens = tokenizer(spec.arch)(pairs["caption"].tolist())
+        model = create_clip(ModelSpec(spec.family, spec.arch, None), checkpoint=spec.checkpoint)
+        pp = open_clip.get_model_preprocess_cfg(model)
+        size = pp["size"] if isinstance(pp["size"], int) else pp["size"][-1]
+        if images.shape[-1] != size:
+            raise SystemExit(f"{dataset.manifest_path}: images are {images.shape[-1]} px but {spec.arch} expects {pp['size']}")
+        out = Path(a.out)
+        summary = pretrain(
+            model, PairData(images, tokens), cfg, a.seed, tuple(pp["mean"]), tuple(pp["std"]),
+            resume_path=out / "resume.pt", log_metrics=run.log_metrics, device=resolve_device(a.device),
+            fingerprint=params_hash(params),
+        )
+        log.info("pre-training done: %s", summary)
+        save_clip(model.cpu(), spec, out, extra={"pretrain": a.params, "seed": a.seed, "pairs": len(pairs)})
+        run.log_metrics(summary)
+        run.log_artifact(out / "config.json")
+
+
+def cmd_zeroshot(a: argparse.Namespace) -> None:
+    import torch
+
+    from robustify.config import ModelSpec, ZeroShotConfig, section
+    from robustify.data.registry import get_dataset
+    from robustify.models.clip import create_clip, tokenizer
+    from robustify.models.zeroshot import build_zeroshot_head, save_zeroshot_classifier
+    from robustify.tracking import job_run
+
+    cfg = section(ZeroShotConfig, a.params, "zeroshot")
+    spec = section(ModelSpec, a.model_spec, f"models.{a.model_name}")
+    if spec.checkpoint is None:
+        raise SystemExit(f"models.{a.model_name}: a zero-shot classifier needs a checkpoint (got null)")
+    _setup_torch(a.threads)
+    params = {"zeroshot": a.params, "model": a.model_spec, "seed": a.seed}
+    with job_run("zeroshot", params, a.experiment, _wildcards(a.wildcard)) as run:
+        classnames = get_dataset(cfg.dataset, a.dataset_root).classnames
+        clip = create_clip(spec).to(resolve_device(a.device))
+        with torch.no_grad():
+            head = build_zeroshot_head(clip, tokenizer(spec.arch), classnames, cfg.templates)
+        info = {
+            "model_id": f"zeroshot/{a.model_name}", "method": "zeroshot", "seed": a.seed,
+            "method_params": {"templates": cfg.templates}, "train_dataset": a.train_dataset,
+            "label_dataset": cfg.dataset, "classnames": classnames,
+        }
+        save_zeroshot_classifier(a.out, head, spec, str(spec.checkpoint), info)
+        run.log_metrics({"classes": len(classnames), "templates": len(cfg.templates), "logit_scale": head.scale.item()})
+        run.log_artifact(Path(a.out) / "classifier.json")
+
+
+def cmd_evaluate(a: argparse.Namespace) -> None:
+    from robustify.config import EvalSetSpec, EvaluateConfig, section
+    from robustify.data.registry import get_dataset
+    from robustify.eval.evaluate import evaluate
+    from robustify.io import write_parquet
+    from robustify.models.zeroshot import load_classifier
+    from robustify.tracking import job_run
+
+    cfg = section(EvaluateConfig, a.params, "evaluate")
+    spec = section(EvalSetSpec, a.eval_set, f"eval_sets.{a.eval_name}")
+    _setup_torch(a.threads)
+    params = {"evaluate": a.params, "eval_set": {a.eval_name: a.eval_set}, "classifier": str(a.classifier)}
+    with job_run("evaluate", params, a.experiment, _wildcards(a.wildcard)) as run:
+        classifier, info = load_classifier(a.classifier)
+        dataset = get_dataset(spec.dataset, a.dataset_root)
+        context = {
+            "model_id": info["model_id"], "model_family": info["family"], "arch": info["arch"],
+            "method": info["method"], "method_params": info.get("method_params", {}), "seed": info.get("seed"),
+            "train_dataset": info.get("train_dataset"), "run_id": run.run_id,
+        }
+        rows = evaluate(classifier, dataset, a.eval_name, spec, cfg, context, resolve_device(a.device))
+        write_parquet(a.out, rows)
+        metrics = dict(zip(rows["metric"], rows["value"]))
+        log.info("%s on %s: %s", info["model_id"], a.eval_name, metrics)
+        run.log_metrics(metrics)
+        run.set_tags({"model_id": info["model_id"], "eval_dataset": a.eval_name})
+
+
+def cmd_report(a: argparse.Namespace) -> None:
+    from robustify.io import write_json, write_parquet, write_text
+    from robustify.report.aggregate import aggregate, summary
+    from robustify.report.tables import zeroshot_markdown
+    from robustify.tracking import job_run
+
+    out = Path(a.out_dir)
+    with job_run("report", {"inputs": len(a.inputs)}, a.experiment, _wildcards(a.wildcard)) as run:
+        df = aggregate(a.inputs)
+        write_parquet(out / "all_metrics.parquet", df)
+        write_text(out / "tables" / "zeroshot.md", zeroshot_markdown(df))
+        write_json(out / "summary.json", summary(df))
+        for name in ("tables/zeroshot.md", "summary.json"):
+            run.log_artifact(out / name, str(Path("report") / Path(name).parent))
+        log.info("results table: %s", out / "tables" / "zeroshot.md")
+
+
+def cmd_validate(a: argparse.Namespace) -> None:
+    from robustify.config import load_params
+
+    load_params(*a.files, schema_path=a.schema)
+    print(f"{' + '.join(a.files)}: valid")
+
+
+def cmd_tracking(a: argparse.Namespace) -> None:
+    from robustify import tracking
+
+    if a.action == "init":
+        print(tracking.init_store(a.experiment))
+    else:
+        tracking.finish_pipeline(a.run_id, a.status)
+
+
+# ------------------------------------------------------------------ parser
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="robustify", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("miniworld", help="generate the embedded mini-world dataset")
+    p.add_argument("--params", type=_json_arg, required=True, help="the `miniworld` section as JSON")
+    p.add_argument("--out", required=True, help="dataset root (manifest.parquet, dataset.json, images/)")
+    _stage_args(p)
+    p.set_defaults(func=cmd_miniworld)
+
+    p = sub.add_parser("pretrain", help="contrastive pre-training of a small open_clip model")
+    p.add_argument("--params", type=_json_arg, required=True, help="the `pretrain` section as JSON")
+    p.add_argument("--model-spec", type=_json_arg, required=True, help="models.<name> as JSON")
+    p.add_argument("--dataset-root", required=True)
+    p.add_argument("--out", required=True, help="model directory (model.safetensors + config.json)")
+    _stage_args(p)
+    p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser("zeroshot", help="build a zero-shot classifier from a CLIP checkpoint")
+    p.add_argument("--params", type=_json_arg, required=True, help="the `zeroshot` section as JSON")
+    p.add_argument("--model-name", required=True)
+    p.add_argument("--model-spec", type=_json_arg, required=True, help="models.<name> as JSON, checkpoint resolved")
+    p.add_argument("--train-dataset", default=None, help="what the model was pre-trained on (results column)")
+    p.add_argument("--dataset-root", required=True, help="root of the dataset whose class names label the head")
+    p.add_argument("--out", required=True, help="classifier directory")
+    _stage_args(p)
+    p.set_defaults(func=cmd_zeroshot)
+
+    p = sub.add_parser("evaluate", help="evaluate a classifier on one eval set → metrics parquet")
+    p.add_argument("--params", type=_json_arg, required=True, help="the `evaluate` section as JSON")
+    p.add_argument("--classifier", required=True, help="classifier directory (classifier.json)")
+    p.add_argument("--eval-name", required=True)
+    p.add_argument("--eval-set", type=_json_arg, required=True, help="eval_sets.<name> as JSON")
+    p.add_argument("--dataset-root", required=True)
+    p.add_argument("--out", required=True, help="metrics parquet (DESIGN §5 schema)")
+    _stage_args(p)
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("report", help="aggregate metric parquets into tables and a summary")
+    p.add_argument("--inputs", nargs="+", required=True)
+    p.add_argument("--out-dir", default="results")
+    _stage_args(p)
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("validate-config", help="validate params files (later files override earlier ones)")
+    p.add_argument("files", nargs="+")
+    p.add_argument("--schema", default="workflow/schemas/params.schema.yaml")
+    p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("tracking", help="create the MLflow store / open or close the pipeline run")
+    p.add_argument("action", choices=["init", "finish"])
+    p.add_argument("--experiment", default=os.environ.get("ROBUSTIFY_EXPERIMENT", "robustify"))
+    p.add_argument("--run-id")
+    p.add_argument("--status", default="FINISHED", choices=["FINISHED", "FAILED", "KILLED"])
+    p.set_defaults(func=cmd_tracking)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # its INFO lines drown the job logs
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    for noisy in ("alembic", "mlflow", "urllib3", "git"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    args = build_parser().parse_args(argv)
+    from robustify.config import ConfigError
+
+    try:
+        args.func(args)
+    except ConfigError as e:
+        raise SystemExit(f"robustify {args.command}: {e}") from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,108 @@
+# Helpers shared by the rules: config validation, tracking set-up, paths and JSON params.
+# No logic beyond wiring: everything a job does is one `robustify ...` command.
+import json
+import os
+import uuid
+
+from robustify.config import validate_params
+
+# Fails before any job runs, naming the offending key (e.g. "unknown key pretrain.stepz").
+validate_params(
+    config, workflow.source_path("../schemas/params.schema.yaml"), source="config"
+)
+
+# Job environment. One id per invocation, shared by every job's MLflow run; the parent run id is
+# filled in by `onstart`. Experiment name and device reach the jobs through the environment so that
+# changing them never reruns a job. `envvars` makes Snakemake forward them to cluster jobs.
+os.environ.setdefault("ROBUSTIFY_PIPELINE_RUN_ID", uuid.uuid4().hex[:12])
+os.environ.setdefault("ROBUSTIFY_PARENT_RUN_ID", "")
+os.environ.update(
+    ROBUSTIFY_EXPERIMENT=config["tracking"]["experiment"],
+    ROBUSTIFY_DEVICE=config["device"],
+)
+os.environ.pop("MLFLOW_RUN_ID", None)  # DESIGN §4: a job must never resume another run
+
+
+envvars:
+    "ROBUSTIFY_PIPELINE_RUN_ID",
+    "ROBUSTIFY_PARENT_RUN_ID",
+    "ROBUSTIFY_EXPERIMENT",
+    "ROBUSTIFY_DEVICE",
+
+
+wildcard_constraints:
+    model=r"[A-Za-z0-9][A-Za-z0-9_.-]*",
+    eval_set=r"[A-Za-z0-9][A-Za-z0-9_-]*",
+    clf=r"[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)*",
+
+
+onstart:
+    # Creates mlflow.db once (it is never a DAG input or output) and opens the parent run.
+    os.environ["ROBUSTIFY_PARENT_RUN_ID"] = (
+        shell("robustify tracking init", read=True).strip().splitlines()[-1]
+    )
+
+
+onsuccess:
+    shell(
+        "robustify tracking finish --run-id $ROBUSTIFY_PARENT_RUN_ID --status FINISHED"
+    )
+
+
+onerror:
+    shell("robustify tracking finish --run-id $ROBUSTIFY_PARENT_RUN_ID --status FAILED")
+
+
+def as_json(value):
+    """A params section as compact, key-sorted JSON: the rule's rerun trigger and the CLI's input."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"))
+
+
+def dataset_root(name):
+    """Where a registered dataset's prepared files live (the mini-world is generated here)."""
+    if name == "miniworld":
+        return config["miniworld"]["root"]
+    raise ValueError(f"no root configured for dataset '{name}'")
+
+
+def dataset_manifest(name):
+    return f"{dataset_root(name)}/manifest.parquet"
+
+
+def model_checkpoint(name):
+    """A model's weights: its configured path, or this pipeline's pre-training output."""
+    return (
+        config["models"][name]["checkpoint"]
+        or f"models/pretrained/{name}/model.safetensors"
+    )
+
+
+def resources_for(stage):
+    r = config["resources"][stage]
+    return {"mem_mb": r["mem_mb"], "runtime": r["runtime"], "gpu": r["gpu"]}
+
+
+def zeroshot_spec(w):
+    """models.<name> with the checkpoint resolved to a file (given, or pre-trained here)."""
+    return as_json(
+        {**config["models"][w.model], "checkpoint": model_checkpoint(w.model)}
+    )
+
+
+def pretrained_on(w):
+    return (
+        config["pretrain"]["dataset"]
+        if config["models"][w.model]["checkpoint"] is None
+        else "external"
+    )
+
+
+ZEROSHOT_CLASSIFIERS = [f"zeroshot/{m}" for m in config["zeroshot"]["models"]]
+
+
+def metric_files():
+    return [
+        f"results/metrics/{clf}/{name}.parquet"
+        for clf in ZEROSHOT_CLASSIFIERS
+        for name in config["eval_sets"]
+    ]

@@ -1,0 +1,19 @@
+rule report:
+    """All metric parquets → all_metrics.parquet, the results tables and summary.json."""
+    input:
+        metric_files(),
+    output:
+        metrics="results/all_metrics.parquet",
+        table="results/tables/zeroshot.md",
+        summary="results/summary.json",
+    log:
+        "logs/report.log",
+    conda:
+        "../../environment.yml"
+    threads: config["resources"]["report"]["threads"]
+    resources:
+        **resources_for("report"),
+    params:
+        out=subpath(output.metrics, parent=True),
+    shell:
+        "robustify report --inputs {input:q} --out-dir {params.out:q} > {log:q} 2>&1"
