@@ -1,0 +1,94 @@
+"""params.yaml validation: bad input fails before any job runs, naming the key."""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from robustify.config import (
+    ConfigError,
+    PretrainConfig,
+    load_params,
+    section,
+    validate_params,
+)
+
+
+def _validate(repo, params):
+    validate_params(params, repo / "workflow/schemas/params.schema.yaml")
+
+
+def test_default_params_are_valid(default_params):
+    assert default_params["pretrain"]["model"] in default_params["models"]
+
+
+@pytest.mark.parametrize(
+    ("mutate", "named"),
+    [
+        (lambda p: p["pretrain"].update(stepz=10), "unknown key pretrain.stepz"),
+        (lambda p: p.update(seeed=1), "unknown key seeed"),
+        (lambda p: p["eval_sets"]["miniworld-photo"].update(domian="photo"), "unknown key eval_sets.miniworld-photo.domian"),
+        (lambda p: p["models"]["tinyclip"].update(arch_name="x"), "unknown key models.tinyclip.arch_name"),
+        (lambda p: p["resources"]["pretrain"].update(gpus=1), "unknown key resources.pretrain.gpus"),
+        (lambda p: p["pretrain"].update(steps="many"), "pretrain.steps: 'many' is not of type 'integer'"),
+        (lambda p: p["miniworld"].pop("train"), "miniworld: 'train' is a required property"),
+        (lambda p: p["zeroshot"]["templates"].append("no placeholder"), "zeroshot.templates.6"),
+        (lambda p: p["zeroshot"].update(models=["nope"]), "zeroshot.models: 'nope' is not defined under models"),
+        (lambda p: p["eval_sets"]["miniworld-photo"].update(dataset="imagenett"), "eval_sets.miniworld-photo.dataset: unknown dataset 'imagenett'"),
+        (lambda p: p["miniworld"].update(reference_domain="sketch", domains=["photo"]), "miniworld.reference_domain"),
+    ],
+)
+def test_bad_params_name_the_key(repo, default_params, mutate, named):
+    params = copy.deepcopy(default_params)
+    mutate(params)
+    with pytest.raises(ConfigError) as err:
+        _validate(repo, params)
+    assert named in str(err.value)
+
+
+def test_null_checkpoint_only_for_the_pretrained_model(repo, default_params):
+    params = copy.deepcopy(default_params)
+    params["models"]["other"] = {"family": "open_clip", "arch": "tinyclip-rn32", "checkpoint": None}
+    params["zeroshot"]["models"] = ["tinyclip", "other"]
+    with pytest.raises(ConfigError, match="models.other.checkpoint"):
+        _validate(repo, params)
+
+
+def test_override_file_merges_nested_keys(repo, tmp_path):
+    override = tmp_path / "small.yaml"
+    override.write_text("pretrain: {steps: 7}\n")
+    params = load_params(repo / "params.yaml", override, schema_path=repo / "workflow/schemas/params.schema.yaml")
+    assert params["pretrain"]["steps"] == 7
+    assert params["pretrain"]["lr"] == 0.002  # untouched siblings survive the merge
+
+
+def test_unreadable_yaml_names_the_file(repo, tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("pretrain: [unclosed\n")
+    with pytest.raises(ConfigError, match=str(bad)):
+        load_params(bad, schema_path=repo / "workflow/schemas/params.schema.yaml")
+
+
+def test_section_names_unknown_and_missing_keys():
+    with pytest.raises(ConfigError, match=r"pretrain: unknown key\(s\) stepz"):
+        section(PretrainConfig, '{"stepz": 1}', "pretrain")
+    with pytest.raises(ConfigError, match="missing key"):
+        section(PretrainConfig, {"model": "m"}, "pretrain")
+
+
+def test_snakemake_refuses_a_mistyped_key_before_any_job(repo, tmp_path):
+    """The whole chain: Snakefile → validate → error naming the key, nothing executed."""
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["evaluate"]["ece_binz"] = 10
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    proc = subprocess.run(
+        [sys.executable, "-m", "snakemake", "-s", str(repo / "Snakefile"), "--cores", "1", "all"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode != 0
+    assert "unknown key evaluate.ece_binz" in proc.stdout + proc.stderr
+    assert not (tmp_path / "data").exists() and not (tmp_path / "mlflow.db").exists()

@@ -1,0 +1,108 @@
+"""The whole DAG on the tiny CI world in a temp directory: Snakemake, MLflow and DVC together.
+
+The workflow files are copied into the temp directory (with tests/configs/ci.yaml merged into its
+params.yaml) so that `dvc repro`, which reads params.yaml and runs `snakemake <target>` in the
+repository root, sees exactly what a user's checkout holds.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from robustify.config import deep_merge, load_yaml
+
+pytestmark = pytest.mark.e2e
+BIN = Path(sys.executable).parent
+CHANCE = 1 / 12
+
+
+def _run(args: list[str], cwd: Path, timeout: int = 600) -> str:
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory, repo) -> Path:
+    work = tmp_path_factory.mktemp("e2e")
+    for name in ("Snakefile", "dvc.yaml", "environment.yml", "workflow", "profiles"):
+        src = repo / name
+        (shutil.copytree if src.is_dir() else shutil.copy)(src, work / name)
+    # DVC stages depend on the code they run; the installed package still runs it.
+    shutil.copytree(repo / "src/robustify", work / "src/robustify", ignore=shutil.ignore_patterns("__pycache__"))
+    params = deep_merge(load_yaml(repo / "params.yaml"), load_yaml(repo / "tests/configs/ci.yaml"))
+    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    _run([str(BIN / "snakemake"), "--cores", "2", "all"], work)
+    return work
+
+
+def test_table_is_sane(workdir):
+    df = pd.read_parquet(workdir / "results/all_metrics.parquet")
+    acc = df[df["metric"] == "accuracy"].set_index("eval_dataset")["value"]
+    assert len(acc) == 5 and df["n"].eq(300).all()
+    # The full run is far above chance on photo, sketch and clipart; the tiny world at least on these.
+    assert acc["miniworld-sketch"] > 2 * CHANCE and acc["miniworld-clipart"] > 2 * CHANCE
+    assert acc["miniworld-photo"] > CHANCE
+    ece = df[df["metric"] == "ece"]["value"]
+    assert ece.between(0, 1).all() and df[df["metric"] == "nll"]["value"].gt(0).all()
+    table = (workdir / "results/tables/zeroshot.md").read_text()
+    assert "zeroshot/tinyclip" in table and "miniworld-infographic" in table
+    assert "zeroshot/tinyclip" in (workdir / "results/summary.json").read_text()
+
+
+def test_one_mlflow_run_per_job(workdir):
+    client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("robustify-ci")
+    runs = client.search_runs([exp.experiment_id])
+    stages = sorted(r.data.tags["stage"] for r in runs)
+    assert stages == ["evaluate"] * 5 + ["miniworld", "pipeline", "pretrain", "report", "zeroshot"]
+    parent = next(r for r in runs if r.data.tags["stage"] == "pipeline")
+    jobs = [r for r in runs if r is not parent]
+    assert all(r.data.tags["mlflow.parentRunId"] == parent.info.run_id for r in jobs)
+    assert all(r.info.status == "FINISHED" for r in runs)
+    evaluate = [r for r in jobs if r.data.tags["stage"] == "evaluate"]
+    df = pd.read_parquet(workdir / "results/all_metrics.parquet")
+    assert set(df["run_id"]) == {r.info.run_id for r in evaluate}
+
+
+def test_second_run_does_nothing_and_param_change_reruns_only_dependents(workdir):
+    out = _run([str(BIN / "snakemake"), "--cores", "2", "all"], workdir)
+    assert "Nothing to be done" in out
+    override = workdir / "change.yaml"
+    override.write_text("evaluate: {ece_bins: 10}\n")
+    out = _run([str(BIN / "snakemake"), "-n", "--cores", "2", "all", "--configfile", "params.yaml", str(override)], workdir)
+    jobs = [line.split()[1].rstrip(":") for line in out.splitlines() if line.startswith(("rule ", "localrule "))]
+    assert sorted(set(jobs)) == ["all", "evaluate", "report"] and jobs.count("evaluate") == 5
+
+
+def test_dvc_repro_records_without_rerunning_then_follows_params(workdir):
+    dvc = str(BIN / "dvc")
+    _run([dvc, "init", "--no-scm", "-q"], workdir)
+    before = {p: p.stat().st_mtime_ns for p in (workdir / "results/metrics").rglob("*.parquet")}
+    out = _run([dvc, "repro"], workdir)
+    assert out.count("Nothing to be done") == 5, out
+    assert {p: p.stat().st_mtime_ns for p in before} == before
+    out = _run([dvc, "status"], workdir)
+    assert "up to date" in out
+
+    params = yaml.safe_load((workdir / "params.yaml").read_text())
+    params["evaluate"]["ece_bins"] = 10
+    (workdir / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    out = _run([dvc, "repro"], workdir)
+    ran = [line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")]
+    assert ran == ["evaluate", "report"], out
+    assert "Finished jobid" in out and "rule pretrain" not in out and "rule miniworld" not in out
+    df = pd.read_parquet(workdir / "results/all_metrics.parquet")
+    assert df["run_id"].nunique() == 5
