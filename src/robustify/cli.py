@@ -86,7 +86,7 @@ def cmd_pretrain(a: argparse.Namespace) -> None:
     from robustify.config import ModelSpec, PretrainConfig, section
     from robustify.data.loading import load_uint8_stack
     from robustify.data.registry import get_dataset
-    from robustify.io import params_hash
+    from robustify.io import derive_seed, params_hash
     from robustify.methods.pretrain_clip import PairData, pretrain
     from robustify.models.clip import create_clip, save_clip, tokenizer
     from robustify.tracking import job_run
@@ -103,7 +103,7 @@ def cmd_pretrain(a: argparse.Namespace) -> None:
         log.info("decoding %d pre-training images", len(pairs))
         images = load_uint8_stack(pairs["path"].tolist())
         tokens = tokenizer(spec.arch)(pairs["caption"].tolist())
-        model = create_clip(ModelSpec(spec.family, spec.arch, None), checkpoint=spec.checkpoint)
+        model = create_clip(spec, init_seed=derive_seed(a.seed, "pretrain", "init", cfg.model))
         pp = open_clip.get_model_preprocess_cfg(model)
         size = pp["size"] if isinstance(pp["size"], int) else pp["size"][-1]
         if images.shape[-1] != size:

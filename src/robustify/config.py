@@ -186,9 +186,9 @@ class PretrainConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ZeroShotConfig:
-    models: list[str]
     dataset: str
     templates: list[str]
+    models: list[str] = dataclasses.field(default_factory=list)  # wiring only; a job builds one head
 
 
 @dataclasses.dataclass(frozen=True)

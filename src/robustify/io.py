@@ -67,6 +67,13 @@ def params_hash(params: Any) -> str:
     return hashlib.sha256(canonical_json(params).encode()).hexdigest()[:16]
 
 
+def derive_seed(seed: int, *parts: str | int) -> int:
+    """A 63-bit seed for one stream, hash(seed, stage, name, ...) (DESIGN §6): streams never overlap
+    and none depends on how many others were drawn before it."""
+    digest = hashlib.sha256(canonical_json([seed, *parts]).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
 def sha256_file(path: PathLike, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

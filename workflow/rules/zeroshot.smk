@@ -14,7 +14,8 @@ rule zeroshot:
     resources:
         **resources_for("zeroshot"),
     params:
-        cfg=as_json(config["zeroshot"]),
+        # Not the `models` list: adding a model must not rebuild the others' heads.
+        cfg=as_json({k: v for k, v in config["zeroshot"].items() if k != "models"}),
         spec=zeroshot_spec,
         train_dataset=pretrained_on,
         seed=config["seed"],

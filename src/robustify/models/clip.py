@@ -34,8 +34,12 @@ def model_config(arch: str) -> dict[str, Any]:
     return cfg
 
 
-def create_clip(spec: ModelSpec, checkpoint: str | Path | None = None) -> torch.nn.Module:
-    """Build `spec.arch`; load `checkpoint` (or `spec.checkpoint`) if given, else random init."""
+def create_clip(spec: ModelSpec, checkpoint: str | Path | None = None, init_seed: int | None = None) -> torch.nn.Module:
+    """Build `spec.arch`; load `checkpoint` (or `spec.checkpoint`) if given, else random init.
+
+    `init_seed` makes the random init reproducible without touching the global RNG (torch seeds
+    itself randomly per process, so an unseeded init differs on every run).
+    """
     if spec.family != "open_clip":
         raise ValueError(f"model family '{spec.family}' is not an open_clip model")
     model_config(spec.arch)
@@ -44,7 +48,10 @@ def create_clip(spec: ModelSpec, checkpoint: str | Path | None = None) -> torch.
     level = root.level
     root.setLevel(logging.ERROR)  # open_clip warns about random init, which is what we asked for
     try:
-        model = open_clip.create_model(spec.arch, pretrained=None)
+        with torch.random.fork_rng(devices=[]):
+            if init_seed is not None:
+                torch.manual_seed(init_seed)
+            model = open_clip.create_model(spec.arch, pretrained=None)
     finally:
         root.setLevel(level)
     if ckpt is not None:
