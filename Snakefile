@@ -7,6 +7,7 @@ configfile: "params.yaml"
 
 
 include: "workflow/rules/common.smk"
+include: "workflow/rules/prepare.smk"
 include: "workflow/rules/miniworld.smk"
 include: "workflow/rules/pretrain.smk"
 include: "workflow/rules/zeroshot.smk"

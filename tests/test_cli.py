@@ -37,7 +37,7 @@ def _chain(root: str, out: str) -> tuple[bytes, pd.DataFrame]:
     ev = {"dataset": "miniworld", "split": "test", "domain": "sketch", "shift_type": "domain"}
     main(["evaluate", "--params", json.dumps({"batch_size": 7, "ece_bins": 15, "workers": 0}),
           "--classifier", f"{out}/zs", "--eval-name", "mw-sketch", "--eval-set", json.dumps(ev),
-          "--dataset-root", root, "--out", f"{out}/m.parquet", *common])
+          "--dataset-root", root, "--dataset-type", "miniworld", "--out", f"{out}/m.parquet", *common])
     with open(f"{out}/pre/model.safetensors", "rb") as f:
         return f.read(), pd.read_parquet(f"{out}/m.parquet")
 
@@ -46,7 +46,7 @@ def test_stages_chain_and_reproduce(world, tiny_world_cfg):
     weights_a, rows_a = _chain(world, "a")
     weights_b, rows_b = _chain(world, "b")
     assert weights_a == weights_b
-    assert tuple(rows_a.columns) == COLUMNS and list(rows_a["metric"]) == ["accuracy", "ece", "nll"]
+    assert tuple(rows_a.columns) == COLUMNS and list(rows_a["metric"]) == ["accuracy", "ece", "nll", "top5"]
     assert rows_a["n"].eq(tiny_world_cfg.test_per_domain).all()
     assert rows_a.loc[0, "model_id"] == "zeroshot/tinyclip" and rows_a.loc[0, "eval_dataset"] == "mw-sketch"
     pd.testing.assert_series_equal(rows_a["value"], rows_b["value"])

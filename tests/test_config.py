@@ -38,8 +38,12 @@ def test_default_params_are_valid(default_params):
         (lambda p: p["miniworld"].pop("train"), "miniworld: 'train' is a required property"),
         (lambda p: p["zeroshot"]["templates"].append("no placeholder"), "zeroshot.templates.6"),
         (lambda p: p["zeroshot"].update(models=["nope"]), "zeroshot.models: 'nope' is not defined under models"),
-        (lambda p: p["eval_sets"]["miniworld-photo"].update(dataset="imagenett"), "eval_sets.miniworld-photo.dataset: unknown dataset 'imagenett'"),
+        (lambda p: p["eval_sets"]["miniworld-photo"].update(dataset="imagenett"), "eval_sets.miniworld-photo.dataset: 'imagenett' is neither miniworld nor a key of datasets"),
         (lambda p: p["miniworld"].update(reference_domain="sketch", domains=["photo"]), "miniworld.reference_domain"),
+        (lambda p: p["datasets"].update(inet={"type": "imagenet", "source": "x", "extra": 1}), "unknown key datasets.inet.extra"),
+        (lambda p: p["datasets"].update(inet={"type": "imagenot", "source": "x"}), "datasets.inet.type: unknown dataset type 'imagenot'"),
+        (lambda p: p["evaluate"].update(sets=["nope"]), "evaluate.sets: 'nope' is not defined under eval_sets"),
+        (lambda p: p["zeroshot"].update(templates="openai_imagenett"), "zeroshot.templates"),
     ],
 )
 def test_bad_params_name_the_key(repo, default_params, mutate, named):

@@ -65,6 +65,25 @@ def _stage_args(p: argparse.ArgumentParser) -> None:
 
 
 # ------------------------------------------------------------------ stages
+def cmd_prepare(a: argparse.Namespace) -> None:
+    from robustify.data.prepare import prepare
+    from robustify.tracking import job_run
+
+    params = {"type": a.type, "source": a.source, "options": a.options}
+    with job_run("prepare", params, a.experiment, _wildcards(a.wildcard)) as run:
+        t0 = time.perf_counter()
+        manifest = prepare(a.type, a.source, a.out, a.options, workers=max(1, a.threads or 1) * 4)
+        rejects = Path(a.out) / "rejects.parquet"
+        import pandas as pd
+
+        n_rejected = len(pd.read_parquet(rejects))
+        log.info("%s: %d images, %d rejected (see %s)", a.type, len(manifest), n_rejected, rejects)
+        run.log_metrics({"images": len(manifest), "rejected": n_rejected, "seconds": time.perf_counter() - t0})
+        run.log_artifact(Path(a.out) / "dataset.json")
+        if n_rejected:
+            run.log_artifact(rejects)
+
+
 def cmd_miniworld(a: argparse.Namespace) -> None:
     from robustify.config import MiniWorldConfig, section
     from robustify.data.miniworld import generate
@@ -124,9 +143,9 @@ def cmd_zeroshot(a: argparse.Namespace) -> None:
     import torch
 
     from robustify.config import ModelSpec, ZeroShotConfig, section
-    from robustify.data.registry import get_dataset
+    from robustify.data.registry import Dataset
     from robustify.models.clip import create_clip, tokenizer
-    from robustify.models.zeroshot import build_zeroshot_head, save_zeroshot_classifier
+    from robustify.models.zeroshot import build_zeroshot_head, resolve_templates, save_zeroshot_classifier
     from robustify.tracking import job_run
 
     cfg = section(ZeroShotConfig, a.params, "zeroshot")
@@ -136,17 +155,19 @@ def cmd_zeroshot(a: argparse.Namespace) -> None:
     _setup_torch(a.threads)
     params = {"zeroshot": a.params, "model": a.model_spec, "seed": a.seed}
     with job_run("zeroshot", params, a.experiment, _wildcards(a.wildcard)) as run:
-        classnames = get_dataset(cfg.dataset, a.dataset_root).classnames
+        classnames = Dataset(a.dataset_root).classnames  # dataset.json, whatever the dataset's class
+        templates = resolve_templates(cfg.templates)
         clip = create_clip(spec).to(resolve_device(a.device))
         with torch.no_grad():
-            head = build_zeroshot_head(clip, tokenizer(spec.arch), classnames, cfg.templates)
+            head = build_zeroshot_head(clip, tokenizer(spec.arch), classnames, templates)
         info = {
             "model_id": f"zeroshot/{a.model_name}", "method": "zeroshot", "seed": a.seed,
-            "method_params": {"templates": cfg.templates}, "train_dataset": a.train_dataset,
+            "method_params": {"templates": cfg.templates if isinstance(cfg.templates, str) else templates},
+            "train_dataset": a.train_dataset,
             "label_dataset": cfg.dataset, "classnames": classnames,
         }
         save_zeroshot_classifier(a.out, head, spec, str(spec.checkpoint), info)
-        run.log_metrics({"classes": len(classnames), "templates": len(cfg.templates), "logit_scale": head.scale.item()})
+        run.log_metrics({"classes": len(classnames), "templates": len(templates), "logit_scale": head.scale.item()})
         run.log_artifact(Path(a.out) / "classifier.json")
 
 
@@ -164,7 +185,7 @@ def cmd_evaluate(a: argparse.Namespace) -> None:
     params = {"evaluate": a.params, "eval_set": {a.eval_name: a.eval_set}, "classifier": str(a.classifier)}
     with job_run("evaluate", params, a.experiment, _wildcards(a.wildcard)) as run:
         classifier, info = load_classifier(a.classifier)
-        dataset = get_dataset(spec.dataset, a.dataset_root)
+        dataset = get_dataset(a.dataset_type, a.dataset_root, a.dataset_options)
         context = {
             "model_id": info["model_id"], "model_family": info["family"], "arch": info["arch"],
             "method": info["method"], "method_params": info.get("method_params", {}), "seed": info.get("seed"),
@@ -216,6 +237,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="robustify", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
+    p = sub.add_parser("prepare", help="a dataset's official layout → manifest.parquet (+ rejects)")
+    p.add_argument("--type", required=True, help="registered dataset class, e.g. imagenet, objectnet")
+    p.add_argument("--source", required=True, help="the dataset's folder in its official layout")
+    p.add_argument("--options", type=_json_arg, default={}, help="datasets.<key>.options as JSON")
+    p.add_argument("--out", required=True, help="prepared folder: manifest.parquet, dataset.json, rejects.parquet")
+    _stage_args(p)
+    p.set_defaults(func=cmd_prepare)
+
     p = sub.add_parser("miniworld", help="generate the embedded mini-world dataset")
     p.add_argument("--params", type=_json_arg, required=True, help="the `miniworld` section as JSON")
     p.add_argument("--out", required=True, help="dataset root (manifest.parquet, dataset.json, images/)")
@@ -245,7 +274,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--classifier", required=True, help="classifier directory (classifier.json)")
     p.add_argument("--eval-name", required=True)
     p.add_argument("--eval-set", type=_json_arg, required=True, help="eval_sets.<name> as JSON")
-    p.add_argument("--dataset-root", required=True)
+    p.add_argument("--dataset-root", required=True, help="prepared dataset folder (manifest.parquet)")
+    p.add_argument("--dataset-type", required=True, help="registered dataset class (its eval protocol)")
+    p.add_argument("--dataset-options", type=_json_arg, default={}, help="datasets.<key>.options as JSON")
     p.add_argument("--out", required=True, help="metrics parquet (DESIGN §5 schema)")
     _stage_args(p)
     p.set_defaults(func=cmd_evaluate)

@@ -53,6 +53,14 @@ def _key_path(error: jsonschema.ValidationError) -> str:
 
 
 def _describe(error: jsonschema.ValidationError) -> str:
+    if error.validator in ("oneOf", "anyOf") and error.context:
+        # "not valid under any of the given schemas" hides the key: report the deepest failure, or
+        # every alternative when they all fail at this key.
+        depth = max(len(e.absolute_path) for e in error.context)
+        deepest = [e for e in error.context if len(e.absolute_path) == depth]
+        if len(deepest) > 1:
+            return f"{_key_path(deepest[0])}: " + " or ".join(e.message for e in deepest)
+        error = deepest[0]
     where = _key_path(error)
     if error.validator == "additionalProperties":
         allowed = sorted(error.schema.get("properties", {}))
@@ -84,28 +92,38 @@ def _cross_reference_problems(p: Mapping[str, Any]) -> list[str]:
     from robustify.data.registry import dataset_names  # local: data layer imports config
 
     models = set(p["models"])
-    datasets = set(dataset_names())
+    registered = set(dataset_names())
+    known = {"miniworld", *p["datasets"]}  # eval/label datasets are keys: miniworld or datasets.*
     out = []
+    for key, spec in p["datasets"].items():
+        if spec["type"] not in registered or spec["type"] == "miniworld":
+            out.append(f"datasets.{key}.type: unknown dataset type '{spec['type']}' (registered: {sorted(registered - {'miniworld'})})")
     if p["pretrain"]["model"] not in models:
         out.append(f"pretrain.model: '{p['pretrain']['model']}' is not defined under models")
     for m in p["zeroshot"]["models"]:
         if m not in models:
             out.append(f"zeroshot.models: '{m}' is not defined under models")
+        elif p["models"][m]["family"] != "open_clip":
+            out.append(f"zeroshot.models: '{m}' is a {p['models'][m]['family']} model; zero-shot heads need open_clip")
         elif p["models"][m]["checkpoint"] is None and m != p["pretrain"]["model"]:
             out.append(
                 f"models.{m}.checkpoint: null means 'pre-trained by this pipeline', but pretrain.model is "
                 f"'{p['pretrain']['model']}'; give '{m}' a checkpoint path"
             )
-    if p["zeroshot"]["dataset"] not in datasets:
-        out.append(f"zeroshot.dataset: unknown dataset '{p['zeroshot']['dataset']}' (known: {sorted(datasets)})")
+    if p["zeroshot"]["dataset"] not in known:
+        out.append(f"zeroshot.dataset: '{p['zeroshot']['dataset']}' is neither miniworld nor a key of datasets ({sorted(known)})")
     mw = p["miniworld"]
     if mw["reference_domain"] not in mw["domains"]:
         out.append(f"miniworld.reference_domain: '{mw['reference_domain']}' is not in miniworld.domains")
     for name, spec in p["eval_sets"].items():
-        if spec["dataset"] not in datasets:
-            out.append(f"eval_sets.{name}.dataset: unknown dataset '{spec['dataset']}' (known: {sorted(datasets)})")
+        if spec["dataset"] not in known:
+            out.append(f"eval_sets.{name}.dataset: '{spec['dataset']}' is neither miniworld nor a key of datasets ({sorted(known)})")
         elif spec["dataset"] == "miniworld" and spec.get("domain") not in mw["domains"]:
             out.append(f"eval_sets.{name}.domain: '{spec.get('domain')}' is not in miniworld.domains")
+    sets = p["evaluate"]["sets"]
+    for name in [] if sets == "all" else sets:
+        if name not in p["eval_sets"]:
+            out.append(f"evaluate.sets: '{name}' is not defined under eval_sets")
     return out
 
 
@@ -187,7 +205,7 @@ class PretrainConfig:
 @dataclasses.dataclass(frozen=True)
 class ZeroShotConfig:
     dataset: str
-    templates: list[str]
+    templates: list[str] | str  # a list of "...{}..." strings, or "openai_imagenet"
     models: list[str] = dataclasses.field(default_factory=list)  # wiring only; a job builds one head
 
 
@@ -204,3 +222,4 @@ class EvaluateConfig:
     batch_size: int
     ece_bins: int
     workers: int = 0
+    sets: list[str] | str = "all"  # wiring only: which eval sets the DAG runs

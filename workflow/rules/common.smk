@@ -2,6 +2,7 @@
 # No logic beyond wiring: everything a job does is one `robustify ...` command.
 import json
 import os
+import re
 import uuid
 
 from robustify.config import validate_params
@@ -31,6 +32,8 @@ envvars:
 
 
 wildcard_constraints:
+    # only keys of `datasets:` are prepared (never matches when there are none)
+    dataset="|".join(re.escape(k) for k in config["datasets"]) or r"(?!)",
     model=r"[A-Za-z0-9][A-Za-z0-9_.-]*",
     eval_set=r"[A-Za-z0-9][A-Za-z0-9_-]*",
     clf=r"[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)*",
@@ -58,23 +61,38 @@ def as_json(value):
     return json.dumps(value, sort_keys=True, separators=(",", ":"))
 
 
-def dataset_root(name):
-    """Where a registered dataset's prepared files live (the mini-world is generated here)."""
-    if name == "miniworld":
-        return config["miniworld"]["root"]
-    raise ValueError(f"no root configured for dataset '{name}'")
+def dataset_root(key):
+    """Where a dataset's prepared files live: the generated mini-world, or data/<key>/."""
+    return config["miniworld"]["root"] if key == "miniworld" else f"data/{key}"
 
 
-def dataset_manifest(name):
-    return f"{dataset_root(name)}/manifest.parquet"
+def dataset_manifest(key):
+    return f"{dataset_root(key)}/manifest.parquet"
+
+
+def dataset_type(key):
+    return "miniworld" if key == "miniworld" else config["datasets"][key]["type"]
+
+
+def dataset_options(key):
+    return {} if key == "miniworld" else config["datasets"][key].get("options", {})
+
+
+def under(root, path):
+    """`path` as given if absolute, else inside `root` (paths.data / paths.checkpoints)."""
+    return path if os.path.isabs(path) else os.path.join(root, path)
+
+
+def dataset_source(key):
+    return under(config["paths"]["data"], config["datasets"][key]["source"])
 
 
 def model_checkpoint(name):
     """A model's weights: its configured path, or this pipeline's pre-training output."""
-    return (
-        config["models"][name]["checkpoint"]
-        or f"models/pretrained/{name}/model.safetensors"
-    )
+    ckpt = config["models"][name]["checkpoint"]
+    if ckpt is None:
+        return f"models/pretrained/{name}/model.safetensors"
+    return under(config["paths"]["checkpoints"], ckpt)
 
 
 def resources_for(stage):
@@ -100,9 +118,14 @@ def pretrained_on(w):
 ZEROSHOT_CLASSIFIERS = [f"zeroshot/{m}" for m in config["zeroshot"]["models"]]
 
 
+def selected_eval_sets():
+    sets = config["evaluate"]["sets"]
+    return list(config["eval_sets"]) if sets == "all" else sets
+
+
 def metric_files():
     return [
         f"results/metrics/{clf}/{name}.parquet"
         for clf in ZEROSHOT_CLASSIFIERS
-        for name in config["eval_sets"]
+        for name in selected_eval_sets()
     ]

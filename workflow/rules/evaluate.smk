@@ -13,14 +13,20 @@ rule evaluate:
     resources:
         **resources_for("evaluate"),
     params:
-        cfg=as_json(config["evaluate"]),
+        # Not `sets`: choosing which sets run must not rerun the others.
+        cfg=as_json({k: v for k, v in config["evaluate"].items() if k != "sets"}),
         eval_set=lambda w: as_json(config["eval_sets"][w.eval_set]),
         root=subpath(input.manifest, parent=True),
         clf_dir=subpath(input.clf, parent=True),
+        type=lambda w: dataset_type(config["eval_sets"][w.eval_set]["dataset"]),
+        options=lambda w: as_json(
+            dataset_options(config["eval_sets"][w.eval_set]["dataset"])
+        ),
     shell:
         "robustify evaluate --params {params.cfg:q} --classifier {params.clf_dir:q}"
         " --eval-name {wildcards.eval_set} --eval-set {params.eval_set:q}"
-        " --dataset-root {params.root:q} --out {output:q} --threads {threads}"
+        " --dataset-root {params.root:q} --dataset-type {params.type}"
+        " --dataset-options {params.options:q} --out {output:q} --threads {threads}"
         " --wildcard clf={wildcards.clf} --wildcard eval_set={wildcards.eval_set} > {log:q} 2>&1"
 
 

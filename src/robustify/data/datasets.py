@@ -11,3 +11,9 @@ class MiniWorld(Dataset):
 
     name = "miniworld"
     required_columns = ("path", "label", "split", "domain", "caption")
+
+# Real benchmarks: one module per family, each class registered on import.
+import robustify.data.domainnet  # noqa: E402,F401
+import robustify.data.folder  # noqa: E402,F401
+import robustify.data.objectnet  # noqa: E402,F401
+import robustify.data.imagenet  # noqa: E402,F401

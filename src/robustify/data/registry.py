@@ -8,12 +8,16 @@ ImageNet-R/A's class masks override it). Adding a dataset is one file with one `
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import pandas as pd
 import torch
+from PIL import Image
 
+from robustify.data.loading import load_rgb
 from robustify.io import read_json, read_manifest
 
 _REGISTRY: dict[str, type[Dataset]] = {}
@@ -31,26 +35,58 @@ def dataset_names() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def get_dataset(name: str, root: str | Path) -> Dataset:
+def dataset_class(name: str) -> type[Dataset]:
     _load_builtin()
     if name not in _REGISTRY:
         raise KeyError(f"unknown dataset '{name}' (registered: {', '.join(sorted(_REGISTRY))})")
-    return _REGISTRY[name](root)
+    return _REGISTRY[name]
+
+
+def get_dataset(name: str, root: str | Path, options: Mapping[str, Any] | None = None) -> Dataset:
+    return dataset_class(name)(root, options)
 
 
 def _load_builtin() -> None:
     import robustify.data.datasets  # noqa: F401  (registers the built-in datasets)
 
 
+@dataclass
+class Enumeration:
+    """What a dataset's source layout holds, before images are checked.
+
+    `items` has at least `path` (absolute, or relative to the source root), `label` (int index into
+    `classnames`) and `split`; datasets add columns such as `domain`, `corruption`, `severity`.
+    """
+
+    items: pd.DataFrame
+    classnames: list[str]
+    info: dict[str, Any] = field(default_factory=dict)
+
+
 class Dataset:
-    """A prepared dataset on disk: `<root>/manifest.parquet` (+ `<root>/dataset.json` for class names)."""
+    """A prepared dataset on disk: `<root>/manifest.parquet` + `<root>/dataset.json` (class names).
+
+    Subclasses implement `enumerate` (source layout → items; used once by the `prepare` stage) and,
+    where the benchmark needs it, the eval protocol: `project_logits` and `load_image`.
+    `options` are the dataset's keys from params.yaml (e.g. ObjectNet's `classes: overlap|all`).
+    """
 
     name: ClassVar[str]
     required_columns: ClassVar[tuple[str, ...]] = ("path", "label", "split")
 
-    def __init__(self, root: str | Path) -> None:
+    def __init__(self, root: str | Path, options: Mapping[str, Any] | None = None) -> None:
         self.root = Path(root)
+        self.options = dict(options or {})
         self._manifest: pd.DataFrame | None = None
+
+    @classmethod
+    def enumerate(cls, source: Path, options: Mapping[str, Any]) -> Enumeration:
+        """List the items of the dataset found under `source` in its official layout."""
+        raise NotImplementedError(f"dataset '{cls.name}' is generated, not prepared from a source folder")
+
+    def load_image(self, path: str) -> Image.Image:
+        """Decode one item as RGB (ObjectNet overrides this to crop its border)."""
+        return load_rgb(path)
 
     @property
     def manifest_path(self) -> Path:

@@ -22,12 +22,12 @@ from robustify.models.zeroshot import ImageClassifier
 
 @torch.no_grad()
 def predict(
-    classifier: ImageClassifier, frame: pd.DataFrame, transform: Any, batch_size: int, workers: int, device: str
+    classifier: ImageClassifier, frame: pd.DataFrame, transform: Any, batch_size: int, workers: int, device: str,
+    load_image: Any = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits and labels for every row of `frame`, in order."""
-    loader = torch.utils.data.DataLoader(
-        ManifestImages(frame, transform), batch_size=batch_size, shuffle=False, num_workers=workers
-    )
+    images = ManifestImages(frame, transform) if load_image is None else ManifestImages(frame, transform, load_image)
+    loader = torch.utils.data.DataLoader(images, batch_size=batch_size, shuffle=False, num_workers=workers)
     classifier.to(device).eval()
     logits, labels = [], []
     for x, y in loader:
@@ -46,8 +46,18 @@ def evaluate(
     device: str = "cpu",
 ) -> pd.DataFrame:
     frame = dataset.select(spec.split, spec.domain)
-    logits, labels = predict(classifier, frame, preprocess(classifier.encoder), cfg.batch_size, cfg.workers, device)
+    logits, labels = predict(
+        classifier, frame, preprocess(classifier.encoder), cfg.batch_size, cfg.workers, device, dataset.load_image
+    )
     logits = dataset.project_logits(logits)
-    metrics = classification_metrics(logits, labels, cfg.ece_bins)
     ctx = {**context, "eval_dataset": eval_name, "shift_type": spec.shift_type}
-    return make_rows(ctx, metrics, n=len(labels))
+    if "corruption" not in frame.columns:
+        return make_rows(ctx, classification_metrics(logits, labels, cfg.ece_bins), n=len(labels))
+    # Corrupted sets (ImageNet-C, ObjectNet-C): one measurement per corruption × severity, each over
+    # its whole subset; mCE and friends are computed from these rows by the report stage.
+    parts = []
+    for (corruption, severity), idx in frame.groupby(["corruption", "severity"], sort=True).indices.items():
+        sel = torch.as_tensor(idx)
+        metrics = classification_metrics(logits[sel], labels[sel], cfg.ece_bins)
+        parts.append(make_rows({**ctx, "corruption": corruption, "severity": int(severity)}, metrics, n=len(idx)))
+    return pd.concat(parts, ignore_index=True)

@@ -55,6 +55,18 @@ def prompt_embeddings(
     return emb.view(len(classnames), len(templates), -1)
 
 
+def resolve_templates(templates: Sequence[str] | str) -> list[str]:
+    """A template list from params: explicit "...{}..." strings, or "openai_imagenet" = the 80
+    templates of the CLIP paper as shipped by open_clip."""
+    if isinstance(templates, str):
+        if templates != "openai_imagenet":
+            raise ValueError(f"unknown template set '{templates}' (known: openai_imagenet)")
+        from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
+
+        return [t("{}") for t in OPENAI_IMAGENET_TEMPLATES]
+    return list(templates)
+
+
 def build_zeroshot_head(
     clip: nn.Module, tokenize: Callable[[list[str]], torch.Tensor], classnames: Sequence[str], templates: Sequence[str]
 ) -> ZeroShotHead:
