@@ -66,7 +66,9 @@ class Enumeration:
 class Dataset:
     """A prepared dataset on disk: `<root>/manifest.parquet` + `<root>/dataset.json` (class names).
 
-    Subclasses implement `enumerate` (source layout → items; used once by the `prepare` stage) and,
+    Datasets read from a source folder define a classmethod `enumerate(source, options) ->
+    Enumeration` (source layout → items; used once by the `prepare` stage; generated datasets such
+    as the mini-world have none) and,
     where the benchmark needs it, the eval protocol: `project_logits` and `load_image`.
     `options` are the dataset's keys from params.yaml (e.g. ObjectNet's `classes: overlap|all`).
     """
@@ -78,11 +80,6 @@ class Dataset:
         self.root = Path(root)
         self.options = dict(options or {})
         self._manifest: pd.DataFrame | None = None
-
-    @classmethod
-    def enumerate(cls, source: Path, options: Mapping[str, Any]) -> Enumeration:
-        """List the items of the dataset found under `source` in its official layout."""
-        raise NotImplementedError(f"dataset '{cls.name}' is generated, not prepared from a source folder")
 
     def load_image(self, path: str) -> Image.Image:
         """Decode one item as RGB (ObjectNet overrides this to crop its border)."""
