@@ -120,6 +120,11 @@ def _cross_reference_problems(p: Mapping[str, Any]) -> list[str]:
             out.append(f"eval_sets.{name}.dataset: '{spec['dataset']}' is neither miniworld nor a key of datasets ({sorted(known)})")
         elif spec["dataset"] == "miniworld" and spec.get("domain") not in mw["domains"]:
             out.append(f"eval_sets.{name}.domain: '{spec.get('domain')}' is not in miniworld.domains")
+        if spec.get("clean") is not None and spec["clean"] not in p["eval_sets"]:
+            out.append(f"eval_sets.{name}.clean: '{spec['clean']}' is not defined under eval_sets")
+    er = p.get("report", {}).get("effective_robustness", {})
+    if er.get("reference") is not None and er["reference"] not in p["eval_sets"]:
+        out.append(f"report.effective_robustness.reference: '{er['reference']}' is not defined under eval_sets")
     sets = p["evaluate"]["sets"]
     for name in [] if sets == "all" else sets:
         if name not in p["eval_sets"]:
@@ -215,11 +220,12 @@ class EvalSetSpec:
     split: str
     shift_type: str
     domain: str | None = None
+    clean: str | None = None  # report only: the uncorrupted counterpart, for relative mCE
 
 
 @dataclasses.dataclass(frozen=True)
 class EvaluateConfig:
     batch_size: int
     ece_bins: int
-    workers: int = 0
+    workers: int | str = 0  # decode workers, or "auto" (eval.loader.default_eval_workers)
     sets: list[str] | str = "all"  # wiring only: which eval sets the DAG runs

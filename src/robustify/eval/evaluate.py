@@ -1,7 +1,8 @@
 """Evaluate one classifier on one eval set → result rows (DESIGN §5 schema).
 
-Images go through the model's own open_clip eval transform; logits are collected for the whole set
-and mapped by the dataset's `project_logits` before any metric, so metrics are dataset-level.
+Images go through the model's own eval transform (fused into uint8 workers + per-batch normalisation
+by `eval.loader`); logits are collected for the whole set and mapped by the dataset's `project_logits`
+before any metric, so metrics are dataset-level.
 """
 
 from __future__ import annotations
@@ -12,8 +13,8 @@ import pandas as pd
 import torch
 
 from robustify.config import EvalSetSpec, EvaluateConfig
-from robustify.data.loading import ManifestImages
 from robustify.data.registry import Dataset
+from robustify.eval.loader import make_eval_loader
 from robustify.eval.metrics import classification_metrics
 from robustify.eval.schema import make_rows
 from robustify.models.clip import preprocess
@@ -22,16 +23,16 @@ from robustify.models.zeroshot import ImageClassifier
 
 @torch.no_grad()
 def predict(
-    classifier: ImageClassifier, frame: pd.DataFrame, transform: Any, batch_size: int, workers: int, device: str,
-    load_image: Any = None,
+    classifier: ImageClassifier, frame: pd.DataFrame, transform: Any, batch_size: int, workers: int | None,
+    device: str, load_image: Any = None, fuse: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits and labels for every row of `frame`, in order."""
-    images = ManifestImages(frame, transform) if load_image is None else ManifestImages(frame, transform, load_image)
-    loader = torch.utils.data.DataLoader(images, batch_size=batch_size, shuffle=False, num_workers=workers)
+    """Logits and labels for every row of `frame`, in order (`workers=None`: the loader's default)."""
+    options = {} if load_image is None else {"load_image": load_image}
+    loader = make_eval_loader(frame, transform, batch_size, workers, device, fuse=fuse, **options)
     classifier.to(device).eval()
     logits, labels = [], []
     for x, y in loader:
-        logits.append(classifier(x.to(device)).float().cpu())
+        logits.append(classifier(x).float().cpu())
         labels.append(y)
     return torch.cat(logits), torch.cat(labels)
 
@@ -47,7 +48,8 @@ def evaluate(
 ) -> pd.DataFrame:
     frame = dataset.select(spec.split, spec.domain)
     logits, labels = predict(
-        classifier, frame, preprocess(classifier.encoder), cfg.batch_size, cfg.workers, device, dataset.load_image
+        classifier, frame, preprocess(classifier.encoder), cfg.batch_size,
+        None if cfg.workers == "auto" else int(cfg.workers), device, dataset.load_image,
     )
     logits = dataset.project_logits(logits)
     ctx = {**context, "eval_dataset": eval_name, "shift_type": spec.shift_type}
