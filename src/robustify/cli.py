@@ -200,20 +200,30 @@ def cmd_evaluate(a: argparse.Namespace) -> None:
 
 
 def cmd_report(a: argparse.Namespace) -> None:
+    import pandas as pd
+
     from robustify.io import write_json, write_parquet, write_text
     from robustify.report.aggregate import aggregate, summary
-    from robustify.report.tables import zeroshot_markdown
+    from robustify.report.derived import corruption_rows, effective_robustness_table_rows
+    from robustify.report.tables import robustness_markdown, zeroshot_markdown
     from robustify.tracking import job_run
 
     out = Path(a.out_dir)
-    with job_run("report", {"inputs": len(a.inputs)}, a.experiment, _wildcards(a.wildcard)) as run:
+    er = a.effective_robustness or {}
+    params = {"inputs": len(a.inputs), "clean_sets": a.clean_sets, "effective_robustness": er}
+    with job_run("report", params, a.experiment, _wildcards(a.wildcard)) as run:
         df = aggregate(a.inputs)
+        derived = [corruption_rows(df, a.clean_sets)]
+        if er.get("reference") and er.get("baselines"):
+            derived.append(effective_robustness_table_rows(df, er["reference"], er["baselines"]))
+        df = pd.concat([df, *derived], ignore_index=True)
         write_parquet(out / "all_metrics.parquet", df)
         write_text(out / "tables" / "zeroshot.md", zeroshot_markdown(df))
+        write_text(out / "tables" / "robustness.md", robustness_markdown(df))
         write_json(out / "summary.json", summary(df))
-        for name in ("tables/zeroshot.md", "summary.json"):
+        for name in ("tables/zeroshot.md", "tables/robustness.md", "summary.json"):
             run.log_artifact(out / name, str(Path("report") / Path(name).parent))
-        log.info("results table: %s", out / "tables" / "zeroshot.md")
+        log.info("results tables: %s, %s", out / "tables" / "zeroshot.md", out / "tables" / "robustness.md")
 
 
 def cmd_validate(a: argparse.Namespace) -> None:
@@ -284,6 +294,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="aggregate metric parquets into tables and a summary")
     p.add_argument("--inputs", nargs="+", required=True)
     p.add_argument("--out-dir", default="results")
+    p.add_argument("--clean-sets", type=_json_arg, default={},
+                   help='JSON {corrupted eval set: its clean eval set}, for relative mCE')
+    p.add_argument("--effective-robustness", type=_json_arg, default={},
+                   help='JSON {"reference": eval set, "baselines": [model ids]} (the `report` section\'s entry)')
     _stage_args(p)
     p.set_defaults(func=cmd_report)
 

@@ -123,6 +123,16 @@ def selected_eval_sets():
     return list(config["eval_sets"]) if sets == "all" else sets
 
 
+def clean_sets():
+    """{corrupted eval set: its clean counterpart} among the sets this run evaluates."""
+    chosen = selected_eval_sets()
+    return {
+        name: config["eval_sets"][name]["clean"]
+        for name in chosen
+        if config["eval_sets"][name].get("clean") in chosen
+    }
+
+
 def metric_files():
     return [
         f"results/metrics/{clf}/{name}.parquet"

@@ -15,7 +15,10 @@ rule evaluate:
     params:
         # Not `sets`: choosing which sets run must not rerun the others.
         cfg=as_json({k: v for k, v in config["evaluate"].items() if k != "sets"}),
-        eval_set=lambda w: as_json(config["eval_sets"][w.eval_set]),
+        # Not `clean`: it only pairs sets for the report.
+        eval_set=lambda w: as_json(
+            {k: v for k, v in config["eval_sets"][w.eval_set].items() if k != "clean"}
+        ),
         root=subpath(input.manifest, parent=True),
         clf_dir=subpath(input.clf, parent=True),
         type=lambda w: dataset_type(config["eval_sets"][w.eval_set]["dataset"]),

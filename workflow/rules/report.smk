@@ -5,6 +5,7 @@ rule report:
     output:
         metrics="results/all_metrics.parquet",
         table="results/tables/zeroshot.md",
+        robustness="results/tables/robustness.md",
         summary="results/summary.json",
     log:
         "logs/report.log",
@@ -15,5 +16,8 @@ rule report:
         **resources_for("report"),
     params:
         out=subpath(output.metrics, parent=True),
+        clean=as_json(clean_sets()),
+        er=as_json(config["report"]["effective_robustness"]),
     shell:
-        "robustify report --inputs {input:q} --out-dir {params.out:q} > {log:q} 2>&1"
+        "robustify report --inputs {input:q} --out-dir {params.out:q}"
+        " --clean-sets {params.clean:q} --effective-robustness {params.er:q} > {log:q} 2>&1"

@@ -29,12 +29,21 @@ def aggregate(paths: Iterable[str | Path]) -> pd.DataFrame:
 
 
 def summary(df: pd.DataFrame) -> dict[str, Any]:
-    """Nested {model_id: {eval_dataset: {metric: value}}} (a DVC metrics file), plus shift means."""
+    """Nested {model_id: {eval_dataset: {metric: value}}} (a DVC metrics file), plus shift means.
+
+    Kept small enough to diff: a corrupted set contributes the mean of each metric over its
+    corruption × severity cells and its mCE rows, not every cell or per-corruption CE.
+    """
     out: dict[str, Any] = {}
-    for row in df.itertuples(index=False):
+    df = df[df["model_id"].notna()]
+    cells = df["corruption"].notna() & df["severity"].notna()
+    per_corruption = df["corruption"].notna() & df["severity"].isna() & ~df["metric"].str.endswith("_subset")
+    plain = df[~cells & ~per_corruption]
+    means = df[cells].groupby(["model_id", "eval_dataset", "metric"], sort=False)["value"].mean().reset_index()
+    for row in pd.concat([means, plain[["model_id", "eval_dataset", "metric", "value"]]]).itertuples(index=False):
         out.setdefault(row.model_id, {}).setdefault(row.eval_dataset, {})[row.metric] = round(float(row.value), 6)
-    for model_id, part in df.groupby("model_id", sort=False):
+    for model_id, part in df[~per_corruption].groupby("model_id", sort=False):
         shifted = part[(part["shift_type"] != "reference") & (part["metric"] == "accuracy")]
-        if not shifted.empty:
-            out[model_id]["shift_mean_accuracy"] = round(float(shifted["value"].mean()), 6)
+        if not shifted.empty:  # each set counts once, a corrupted one by its mean over cells
+            out[model_id]["shift_mean_accuracy"] = round(float(shifted.groupby("eval_dataset")["value"].mean().mean()), 6)
     return out

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import pandas as pd
 
-_PERCENT = {"accuracy", "ece"}
+_PERCENT = {"accuracy", "ece", "effective_robustness"}
 
 
 def metric_table(df: pd.DataFrame, metric: str) -> pd.DataFrame:
-    """model × eval set for one metric (accuracy and ECE in %), with the mean over shifted sets."""
-    part = df[df["metric"] == metric]
+    """model × eval set for one metric (accuracy and ECE in %), with the mean over shifted sets.
+    A corrupted set shows the mean over its corruption × severity cells."""
+    part = df[(df["metric"] == metric) & df["model_id"].notna()]
     if part.empty:
         raise ValueError(f"no '{metric}' rows to tabulate")
     order = list(dict.fromkeys(part["eval_dataset"]))
@@ -32,4 +33,54 @@ def zeroshot_markdown(df: pd.DataFrame) -> str:
     for metric, title in (("accuracy", "Top-1 accuracy (%)"), ("ece", "ECE, 15 bins (%)"), ("nll", "NLL")):
         parts += [f"## {title}", "", metric_table(zs, metric).to_markdown(floatfmt=".2f" if metric != "nll" else ".3f"), ""]
     parts += ["Images per eval set: " + ", ".join(f"{k} {v}" for k, v in n.items()), ""]
+    return "\n".join(parts)
+
+
+def _models(df: pd.DataFrame) -> list[str]:
+    return list(dict.fromkeys(df["model_id"].dropna()))
+
+
+def corruption_tables(df: pd.DataFrame, eval_dataset: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(model × corruption accuracy % averaged over severities, with CE/mCE columns where computed;
+    model × severity accuracy % averaged over corruptions) for one corrupted eval set."""
+    part = df[df["eval_dataset"] == eval_dataset]
+    cells = part[(part["metric"] == "accuracy") & part["corruption"].notna() & part["severity"].notna()]
+    by_corruption = cells.pivot_table(index="model_id", columns="corruption", values="value", aggfunc="mean", sort=False) * 100
+    by_corruption = by_corruption[list(dict.fromkeys(cells["corruption"]))]
+    by_corruption["mean"] = by_corruption.mean(axis=1)
+    for metric, label in (("mce", "mCE"), ("relative_mce", "rel. mCE"), ("mce_subset", "mCE (subset)"),
+                          ("relative_mce_subset", "rel. mCE (subset)")):
+        agg = part[part["metric"] == metric].set_index("model_id")["value"]
+        if not agg.empty:
+            by_corruption[label] = agg.reindex(by_corruption.index) * 100
+    by_severity = cells.pivot_table(index="model_id", columns="severity", values="value", aggfunc="mean", sort=True) * 100
+    by_severity.columns = [f"s{int(c)}" for c in by_severity.columns]
+    for t in (by_corruption, by_severity):
+        t.index.name, t.columns.name = "model", None
+    return by_corruption, by_severity
+
+
+def robustness_markdown(df: pd.DataFrame) -> str:
+    """Corrupted sets (accuracy per corruption/severity, mCE, relative mCE) and effective robustness."""
+    parts = ["# Robustness", ""]
+    corrupted = list(dict.fromkeys(df.loc[df["corruption"].notna() & df["severity"].notna(), "eval_dataset"]))
+    for name in corrupted:
+        by_corruption, by_severity = corruption_tables(df, name)
+        subset = df[(df["eval_dataset"] == name) & df["metric"].isin(["mce_subset", "relative_mce_subset"])]
+        parts += [f"## {name}: top-1 accuracy (%) per corruption, mean over severities", "",
+                  by_corruption.to_markdown(floatfmt=".1f"), ""]
+        parts += ["mCE and relative mCE in %, normalised by AlexNet's ImageNet-C errors (Hendrycks & Dietterich "
+                  "2019); relative mCE uses each model's error on the clean counterpart set."]
+        if not subset.empty:
+            parts += [f"Subset means average only: {subset['corruption'].iloc[0].replace('+', ', ')}."]
+        parts += ["", f"## {name}: top-1 accuracy (%) per severity, mean over corruptions", "",
+                  by_severity.to_markdown(floatfmt=".1f"), ""]
+    if not corrupted:
+        parts += ["No corrupted eval sets in this run.", ""]
+    er = df[df["metric"] == "effective_robustness"]
+    if not er.empty:
+        ref = er["method_params"].iloc[0]
+        parts += ["## Effective robustness (accuracy points above the baseline fit)", "",
+                  f"Logit-linear fit over the baseline models ({ref}).", "",
+                  metric_table(er, "effective_robustness").to_markdown(floatfmt=".2f"), ""]
     return "\n".join(parts)
