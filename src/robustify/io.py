@@ -13,11 +13,12 @@ import os
 import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
-import torch
-from safetensors.torch import load_file, save_file
+
+if TYPE_CHECKING:  # torch loads with the first checkpoint: short CPU jobs (corruption shards) never pay for it
+    import torch
 
 PathLike = str | os.PathLike[str]
 
@@ -103,6 +104,8 @@ def save_safetensors(
     path: PathLike, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None
 ) -> None:
     """Save tensors atomically; tensors are made contiguous and detached (safetensors requires it)."""
+    from safetensors.torch import save_file
+
     clean = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     with atomic_path(path) as tmp:
         save_file(clean, str(tmp), metadata=dict(metadata or {}))
@@ -112,4 +115,6 @@ def load_safetensors(path: PathLike, device: str = "cpu") -> dict[str, torch.Ten
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
+    from safetensors.torch import load_file
+
     return load_file(str(path), device=device)

@@ -39,13 +39,15 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from importlib import resources
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import pandas as pd
-import torch
 
 from robustify.data.registry import Dataset, Enumeration, register
+
+if TYPE_CHECKING:  # imported lazily: dataset classes serve torch-free builder jobs too
+    import torch
 
 IMAGE_SUFFIXES: frozenset[str] = frozenset(
     {".jpeg", ".jpg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
@@ -535,6 +537,8 @@ class _Hendrycks200(Dataset):
     @classmethod
     def class_mask(cls) -> torch.Tensor:
         """Boolean mask over the 1000 ImageNet classes (wise-ft's `class_sublist_mask`)."""
+        import torch
+
         mask = torch.zeros(NUM_CLASSES, dtype=torch.bool)
         mask[cls.indices_in_1k()] = True
         return mask
@@ -565,6 +569,8 @@ class _Hendrycks200(Dataset):
         """1000-way logits → the 200 subset columns; 200-way logits (a head on this set's names) pass."""
         n = logits.shape[-1]
         if n == NUM_CLASSES:
+            import torch
+
             return logits[:, torch.as_tensor(self.indices_in_1k(), device=logits.device)]
         if n == len(self.wnids()):
             return logits

@@ -25,16 +25,18 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
-import torch
 from PIL import Image
 
 from robustify.data.folder import list_images, subdirs
-from robustify.data.loading import load_rgb
+from robustify.data.images import load_rgb
 from robustify.data.registry import Dataset, Enumeration, register
 from robustify.io import read_json
+
+if TYPE_CHECKING:  # imported lazily: dataset classes serve torch-free builder jobs too
+    import torch
 
 BORDER = 2
 IMAGENET_CLASSES = 1000
@@ -184,6 +186,8 @@ class _ObjectNetProtocol(Dataset):
         width_max = max(len(g) for g in groups if g is not None)
         # Pad each group by repeating its first index: duplicates leave the max unchanged.
         padded = [g + [g[0]] * (width_max - len(g)) for g in groups if g is not None]
+        import torch
+
         index = torch.tensor(padded, dtype=torch.long, device=logits.device)
         return logits[..., index].amax(dim=-1)
 
@@ -193,6 +197,7 @@ class ObjectNet(_ObjectNetProtocol):
     """ObjectNet 1.0 test set (split `test`); options `classes` and `mappings` (default <release>/mappings)."""
 
     name = "objectnet"
+    corrupted_type = "objectnet-c"  # corrupted images were cropped before corruption
 
     @classmethod
     def enumerate(cls, source: Path, options: Mapping[str, Any]) -> Enumeration:

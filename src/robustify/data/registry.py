@@ -11,14 +11,16 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import pandas as pd
-import torch
 from PIL import Image
 
-from robustify.data.loading import load_rgb
+from robustify.data.images import load_rgb
 from robustify.io import read_json, read_manifest
+
+if TYPE_CHECKING:  # torch is imported where logits are projected: builder jobs never need it
+    import torch
 
 _REGISTRY: dict[str, type[Dataset]] = {}
 
@@ -44,6 +46,12 @@ def dataset_class(name: str) -> type[Dataset]:
 
 def get_dataset(name: str, root: str | Path, options: Mapping[str, Any] | None = None) -> Dataset:
     return dataset_class(name)(root, options)
+
+
+def corrupted_type(name: str) -> str:
+    """The registered class that reads corrupted images built from dataset `name` (its own, unless its
+    loader transforms images — ObjectNet crops a border, which the builder already did)."""
+    return dataset_class(name).corrupted_type or name
 
 
 def _load_builtin() -> None:
@@ -75,6 +83,7 @@ class Dataset:
 
     name: ClassVar[str]
     required_columns: ClassVar[tuple[str, ...]] = ("path", "label", "split")
+    corrupted_type: ClassVar[str | None] = None  # see `corrupted_type()`
 
     def __init__(self, root: str | Path, options: Mapping[str, Any] | None = None) -> None:
         self.root = Path(root)

@@ -1,0 +1,249 @@
+"""Corrupted-dataset builder: `<dataset>-C` from any prepared dataset, ImageNet-C protocol (SPEC §5).
+
+Per source image: RGB (the dataset's own loader: ObjectNet crops its border) → Resize(256) →
+CenterCrop(224) → corrupt → JPEG quality 85 → `<corruption>/<severity>/<class>/<stem>.jpg`
+(`resize`/`crop` null keep the native resolution, as the mini-world does at 32 px).
+
+Work is split into shards (corruption × severity × shard `k` of `n`: items `k::n` of the source
+order), each a Snakemake job whose shard manifest is written last, atomically: an interrupted build
+reruns only the shards without one. Every image gets its own seed, derived from (seed, dataset,
+image, corruption, severity), and every file is written atomically, so a rebuilt or resumed build is
+byte-identical. Unreadable or odd inputs never stop a shard: CMYK/greyscale/16-bit/alpha/palette
+images are converted (`source_mode` records what they were), and truncated, zero-byte, undecodable or
+decompression-bomb-sized files become reject rows with the reason. `merge` joins the shards into the
+dataset's `manifest.parquet` + `rejects.parquet` + `dataset.json`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+from tqdm import tqdm
+
+from robustify.corruptions.names import corruption_names
+from robustify.data.registry import Dataset
+from robustify.io import derive_seed, read_json, write_bytes, write_json, write_parquet
+
+MAX_PIXELS = 89_478_485  # PIL's decompression-bomb warning limit: larger files are rejected unread
+JPEG_QUALITY = 85  # ImageNet-C's (make_imagenet_c.py saves quality=85, optimize=True)
+SHARD_COLUMNS = ("path", "source", "label", "split", "corruption", "severity", "seed", "sha256", "source_mode",
+                 "reject_reason")
+
+
+@dataclasses.dataclass(frozen=True)
+class BuildSpec:
+    """One corrupted set: which source items, which corruptions/severities, how images are made."""
+
+    dataset: str  # the source dataset's key: part of every image seed, recorded as provenance
+    split: str
+    corruptions: tuple[str, ...]
+    severities: tuple[int, ...]
+    domain: str | None = None
+    resize: int | None = 256  # short side before the crop; null with crop null = native resolution
+    crop: int | None = 224
+    quality: int = JPEG_QUALITY
+    engine: str = "fast"
+    max_images: int | None = None  # a seeded subset of the source items (None = all)
+    max_pixels: int = MAX_PIXELS
+    seed: int = 0
+    shards: int = 1
+
+    def __post_init__(self) -> None:
+        if (self.resize is None) != (self.crop is None):
+            raise ValueError("corrupt: resize and crop are both set (ImageNet-C protocol) or both null (native size)")
+        if not 1 <= self.quality <= 95:
+            raise ValueError(f"corrupt: quality must be in 1..95, got {self.quality}")
+        if self.shards < 1:
+            raise ValueError(f"corrupt: shards must be >= 1, got {self.shards}")
+
+
+def spec_from_params(params: dict[str, Any], where: str, seed: int) -> BuildSpec:
+    """`corrupt.<name>` from params.yaml → BuildSpec; `corruptions: common|all` name the ImageNet-C lists."""
+    fields = {f.name for f in dataclasses.fields(BuildSpec)} - {"seed"}
+    unknown = sorted(set(params) - fields)
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {unknown} (allowed: {sorted(fields)})")
+    try:
+        names = corruption_names(params.get("corruptions", "common"))
+    except ValueError as e:
+        raise ValueError(f"{where}.{e}") from None
+    return BuildSpec(**{**params, "corruptions": names, "severities": tuple(params["severities"]), "seed": seed})
+
+
+def source_items(dataset: Dataset, spec: BuildSpec) -> pd.DataFrame:
+    """The source rows to corrupt, in manifest order; `max_images` keeps a seeded subset (same order)."""
+    items = dataset.select(spec.split, spec.domain)
+    if spec.max_images is not None and spec.max_images < len(items):
+        rng = np.random.default_rng(derive_seed(spec.seed, "corrupt-subset", spec.dataset, spec.split, spec.domain or ""))
+        keep = np.sort(rng.choice(len(items), size=spec.max_images, replace=False))
+        items = items.iloc[keep].reset_index(drop=True)
+    items = items.copy()
+    items["source"] = [str(Path(p).relative_to(dataset.root)) if Path(p).is_relative_to(dataset.root) else p
+                       for p in items["path"]]
+    return items
+
+
+def class_folder(row: Any) -> str:
+    """The class folder of an output: the wnid where the manifest has one (ImageNet, also for the flat val
+    layout), ObjectNet's folder name, else the source's parent folder."""
+    for col in ("wnid", "folder"):
+        value = getattr(row, col, None)
+        if isinstance(value, str) and value:
+            return value
+    return Path(row.source).parent.name or str(row.label)
+
+
+def load_source(dataset: Dataset, path: str, max_pixels: int) -> tuple[Image.Image, str]:
+    """(RGB image through the dataset's own loader, source mode). Raises ValueError with the reject reason."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:  # header only: refuse bombs before decoding them
+                mode, (w, h) = im.mode, im.size
+        if w * h > max_pixels:
+            raise ValueError(f"too large ({w}x{h} px > max_pixels {max_pixels})")
+        return dataset.load_image(path), mode
+    except FileNotFoundError:
+        raise ValueError("file not found") from None
+    except (OSError, SyntaxError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ValueError(f"unreadable: {type(e).__name__}: {e}") from None
+
+
+def as_uint8(image: Image.Image, min_side: int = 32) -> np.ndarray:
+    arr = np.asarray(image, dtype=np.uint8)
+    if min(arr.shape[:2]) < min_side:  # the ImageNet-C/P ops' kernels and textures need 32 px
+        raise ValueError(f"too small to corrupt ({arr.shape[1]}x{arr.shape[0]} px < {min_side})")
+    return np.ascontiguousarray(arr)
+
+
+def protocol_image(dataset: Dataset, path: str, spec: BuildSpec) -> tuple[np.ndarray, str]:
+    """(H×W×3 uint8 image ready to corrupt, source mode). Raises ValueError with the reject reason."""
+    image, mode = load_source(dataset, path, spec.max_pixels)
+    if spec.resize is not None and spec.crop is not None:
+        image = resize_center_crop(image, spec.resize, spec.crop)
+    return as_uint8(image), mode
+
+
+def resize_short_side(image: Image.Image, size: int) -> Image.Image:
+    """torchvision's `Resize(size)` on PIL (short side, long side truncated, bilinear + antialias)."""
+    w, h = image.size
+    nw, nh = (size, int(size * h / w)) if w <= h else (int(size * w / h), size)
+    return image if (nw, nh) == (w, h) else image.resize((nw, nh), Image.BILINEAR)
+
+
+def resize_center_crop(image: Image.Image, size: int, crop: int) -> Image.Image:
+    """torchvision's `Resize(size)` then `CenterCrop(crop)`, in PIL directly so a build job does not
+    import torch."""
+    image = resize_short_side(image, size)
+    nw, nh = image.size
+    if crop > min(nw, nh):
+        raise ValueError(f"resized image {nw}x{nh} is smaller than the {crop}-px crop")
+    top, left = int(round((nh - crop) / 2.0)), int(round((nw - crop) / 2.0))
+    return image.crop((left, top, left + crop, top + crop))
+
+
+def encode_jpeg(image: np.ndarray, quality: int) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="JPEG", quality=quality, optimize=True)
+    return buf.getvalue()
+
+
+def image_seed(spec: BuildSpec, source: str, corruption: str, severity: int) -> int:
+    """SPEC §5: a per-image seed from (dataset, image id, corruption, severity); 32 bits for NumPy."""
+    return derive_seed(spec.seed, "corrupt", spec.dataset, source, corruption, severity) % (1 << 32)
+
+
+def shard_path(out_root: str | Path, corruption: str, severity: int, shard: int) -> Path:
+    return Path(out_root) / "shards" / corruption / str(severity) / f"{shard}.parquet"
+
+
+def build_shard(
+    dataset: Dataset, spec: BuildSpec, corruption: str, severity: int, shard: int, out_root: str | Path,
+    progress: bool = True,
+) -> pd.DataFrame:
+    """Corrupt items `shard::spec.shards` at (corruption, severity); write the images and, last, the
+    shard manifest (one row per item: output or reject reason). Returns that manifest."""
+    from robustify.corruptions.engine import corrupt  # the engine pulls in numba/OpenCV: only when building
+
+    if corruption not in spec.corruptions or severity not in spec.severities:
+        raise ValueError(f"corrupt: {corruption}/{severity} is not part of this build "
+                         f"(corruptions {list(spec.corruptions)}, severities {list(spec.severities)})")
+    if not 0 <= shard < spec.shards:
+        raise ValueError(f"corrupt: shard {shard} outside 0..{spec.shards - 1}")
+    out_root = Path(out_root)
+    items = source_items(dataset, spec).iloc[shard::spec.shards]
+    rows = []
+    bar = tqdm(items.itertuples(index=False), total=len(items), desc=f"{corruption}/{severity} [{shard}]",
+               disable=not progress, mininterval=5)
+    for row in bar:
+        seed = image_seed(spec, row.source, corruption, severity)
+        rel = f"{corruption}/{severity}/{class_folder(row)}/{Path(row.source).stem}.jpg"
+        base = {"source": row.source, "label": int(row.label), "split": row.split, "corruption": corruption,
+                "severity": severity, "seed": seed}
+        try:
+            image, mode = protocol_image(dataset, row.path, spec)
+        except ValueError as e:
+            rows.append({**base, "path": None, "sha256": None, "source_mode": None, "reject_reason": str(e)})
+            continue
+        data = encode_jpeg(corrupt(image, corruption, severity, seed, engine=spec.engine), spec.quality)
+        write_bytes(out_root / rel, data)
+        rows.append({**base, "path": rel, "sha256": hashlib.sha256(data).hexdigest(), "source_mode": mode,
+                     "reject_reason": None})
+    frame = pd.DataFrame(rows, columns=list(SHARD_COLUMNS))
+    extra = [c for c in ("domain",) if c in items.columns]
+    for col in extra:
+        frame[col] = items[col].to_numpy()
+    frame["seed"] = frame["seed"].astype("int64")
+    frame["severity"] = frame["severity"].astype("int64")
+    write_parquet(shard_path(out_root, corruption, severity, shard), frame)
+    return frame
+
+
+def merge(
+    out_root: str | Path, spec: BuildSpec, source_root: str | Path, shard_files: Sequence[str | Path]
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Shard manifests → `manifest.parquet` (outputs, in corruption/severity/source order), `rejects.parquet`
+    (each rejected source once, with its reason) and `dataset.json` (the source's class names and
+    protocol info, plus how this set was made). Refuses to merge an incomplete set of shards."""
+    expected = [shard_path(out_root, c, s, k) for c in spec.corruptions for s in spec.severities
+                for k in range(spec.shards)]
+    order = {c: i for i, c in enumerate(spec.corruptions)}
+    return merge_shards(out_root, expected, shard_files, lambda df: (df["corruption"].map(order), df["severity"]),
+                        source_root, "corrupted", dataclasses.asdict(spec))
+
+
+def merge_shards(
+    out_root: str | Path, expected: Sequence[Path], shard_files: Sequence[str | Path], sort_keys: Any,
+    source_root: str | Path, info_key: str, provenance: dict[str, Any],
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The merge shared by corrupted (-C) and perturbation-sequence (-P) sets; rows are sorted by
+    `sort_keys(df)` then source, so the manifest never depends on which shard finished first."""
+    out_root = Path(out_root)
+    given = {Path(p) for p in shard_files}
+    if given != set(expected):
+        missing = sorted(str(p) for p in set(expected) - given)[:5]
+        raise ValueError(f"merge: shard files do not match the build spec; missing e.g. {missing}")
+    df = pd.concat([pd.read_parquet(p) for p in sorted(given)], ignore_index=True)
+    keys = [k.rename(f"_k{i}") for i, k in enumerate(sort_keys(df))]
+    df = pd.concat([df, *keys], axis=1).sort_values([k.name for k in keys] + ["source"], kind="stable")
+    df = df.drop(columns=[k.name for k in keys]).reset_index(drop=True)
+    ok = df["reject_reason"].isna()
+    manifest = df[ok].drop(columns="reject_reason").reset_index(drop=True)
+    rejects = (df[~ok].drop_duplicates("source")[["source", "label", "split", "reject_reason"]]
+               .rename(columns={"reject_reason": "reason"}).reset_index(drop=True))
+    info = read_json(Path(source_root) / "dataset.json")
+    info[info_key] = {**provenance, "source_root": str(source_root), "items": int(ok.sum()),
+                      "rejected_sources": len(rejects)}
+    write_parquet(out_root / "rejects.parquet", rejects)
+    write_json(out_root / "dataset.json", info)
+    write_parquet(out_root / "manifest.parquet", manifest)  # last: its presence means the set is complete
+    return manifest, rejects
