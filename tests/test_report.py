@@ -141,3 +141,25 @@ def test_effective_robustness_rows_follow_the_baseline_fit():
         effective_robustness_table_rows(df, "photo", ["b1", "nope"])
     md = robustness_markdown(pd.concat([df, out], ignore_index=True))
     assert "Effective robustness" in md and "5.00" in md
+
+
+def test_flip_rates_relative_to_the_baseline():
+    from robustify.report.derived import flip_rate_rows
+
+    def fp(model, values):
+        return pd.concat([make_rows({"model_id": model, "eval_dataset": "p", "shift_type": "synthetic",
+                                     "corruption": k}, {"flip_probability": v}, n=100) for k, v in values.items()],
+                         ignore_index=True)
+
+    df = pd.concat([fp("base", {"rotate": 0.2, "translate": 0.1}), fp("m", {"rotate": 0.1, "translate": 0.15})])
+    out = flip_rate_rows(df, "base")
+    m = out[out["model_id"] == "m"]
+    assert m[m["metric"] == "flip_rate"].set_index("corruption")["value"].to_dict() == pytest.approx(
+        {"rotate": 0.5, "translate": 1.5})
+    assert m[m["metric"] == "mfr"]["value"].item() == pytest.approx(1.0)
+    assert out[(out["model_id"] == "base") & (out["metric"] == "mfr")]["value"].item() == pytest.approx(1.0)
+    assert flip_rate_rows(df, None).empty
+    md = robustness_markdown(pd.concat([df, out], ignore_index=True))
+    assert "flip probability (%) per perturbation" in md
+    row = [c.strip() for c in next(ln for ln in md.splitlines() if ln.startswith("| m ")).split("|")]
+    assert row[2:5] == ["10.00", "15.00", "100.00"]  # rotate, translate, mFR (%)

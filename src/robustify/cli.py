@@ -84,6 +84,75 @@ def cmd_prepare(a: argparse.Namespace) -> None:
             run.log_artifact(rejects)
 
 
+def _corrupt_spec(a: argparse.Namespace) -> Any:
+    from robustify.corruptions.build import spec_from_params
+
+    return spec_from_params(a.params, f"corrupt.{a.name}", a.seed)
+
+
+def cmd_corrupt(a: argparse.Namespace) -> None:
+    from robustify.corruptions.build import build_shard
+    from robustify.data.registry import get_dataset
+    from robustify.tracking import job_run
+
+    spec = _corrupt_spec(a)
+    dataset = get_dataset(a.source_type, a.source_root, a.source_options)
+    params = {"corrupt": a.params, "source_type": a.source_type, "corruption": a.corruption,
+              "severity": a.severity, "shard": a.shard, "seed": a.seed}
+    with job_run("corrupt", params, a.experiment, _wildcards(a.wildcard)) as run:
+        t0 = time.perf_counter()
+        rows = build_shard(dataset, spec, a.corruption, a.severity, a.shard, a.out)
+        rejected = int(rows["reject_reason"].notna().sum())
+        seconds = time.perf_counter() - t0
+        log.info("%s/%s shard %d: %d images, %d rejected, %.1f s", a.corruption, a.severity, a.shard,
+                 len(rows) - rejected, rejected, seconds)
+        run.log_metrics({"images": len(rows) - rejected, "rejected": rejected, "seconds": seconds,
+                         "images_per_second": (len(rows) - rejected) / max(seconds, 1e-9)})
+
+
+def cmd_corrupt_merge(a: argparse.Namespace) -> None:
+    from robustify.corruptions.build import merge
+    from robustify.tracking import job_run
+
+    spec = _corrupt_spec(a)
+    with job_run("corrupt_merge", {"corrupt": a.params, "seed": a.seed}, a.experiment, _wildcards(a.wildcard)) as run:
+        manifest, rejects = merge(a.out, spec, a.source_root, a.shards)
+        log.info("%s: %d images, %d rejected sources (see %s)", a.out, len(manifest), len(rejects),
+                 Path(a.out) / "rejects.parquet")
+        run.log_metrics({"images": len(manifest), "rejected_sources": len(rejects)})
+        run.log_artifact(Path(a.out) / "dataset.json")
+        if len(rejects):
+            run.log_artifact(Path(a.out) / "rejects.parquet")
+
+
+def cmd_perturb(a: argparse.Namespace) -> None:
+    from robustify.corruptions.sequence_build import build_sequence_shard, sequence_spec_from_params
+    from robustify.data.registry import get_dataset
+    from robustify.tracking import job_run
+
+    spec = sequence_spec_from_params(a.params, f"perturb.{a.name}", a.seed)
+    dataset = get_dataset(a.source_type, a.source_root, a.source_options)
+    params = {"perturb": a.params, "source_type": a.source_type, "perturbation": a.perturbation, "shard": a.shard,
+              "seed": a.seed}
+    with job_run("perturb", params, a.experiment, _wildcards(a.wildcard)) as run:
+        t0 = time.perf_counter()
+        rows = build_sequence_shard(dataset, spec, a.perturbation, a.shard, a.out)
+        rejected = int(rows["reject_reason"].notna().sum())
+        log.info("%s shard %d: %d sequences, %d rejected", a.perturbation, a.shard, len(rows) - rejected, rejected)
+        run.log_metrics({"sequences": len(rows) - rejected, "rejected": rejected, "seconds": time.perf_counter() - t0})
+
+
+def cmd_perturb_merge(a: argparse.Namespace) -> None:
+    from robustify.corruptions.sequence_build import merge_sequences, sequence_spec_from_params
+    from robustify.tracking import job_run
+
+    spec = sequence_spec_from_params(a.params, f"perturb.{a.name}", a.seed)
+    with job_run("perturb_merge", {"perturb": a.params, "seed": a.seed}, a.experiment, _wildcards(a.wildcard)) as run:
+        manifest, rejects = merge_sequences(a.out, spec, a.source_root, a.shards)
+        log.info("%s: %d sequences, %d rejected sources", a.out, len(manifest), len(rejects))
+        run.log_metrics({"sequences": len(manifest), "rejected_sources": len(rejects)})
+
+
 def cmd_miniworld(a: argparse.Namespace) -> None:
     from robustify.config import MiniWorldConfig, section
     from robustify.data.miniworld import generate
@@ -204,16 +273,17 @@ def cmd_report(a: argparse.Namespace) -> None:
 
     from robustify.io import write_json, write_parquet, write_text
     from robustify.report.aggregate import aggregate, summary
-    from robustify.report.derived import corruption_rows, effective_robustness_table_rows
+    from robustify.report.derived import corruption_rows, effective_robustness_table_rows, flip_rate_rows
     from robustify.report.tables import robustness_markdown, zeroshot_markdown
     from robustify.tracking import job_run
 
     out = Path(a.out_dir)
     er = a.effective_robustness or {}
-    params = {"inputs": len(a.inputs), "clean_sets": a.clean_sets, "effective_robustness": er}
+    params = {"inputs": len(a.inputs), "clean_sets": a.clean_sets, "effective_robustness": er,
+              "flip_rate_baseline": a.flip_rate_baseline}
     with job_run("report", params, a.experiment, _wildcards(a.wildcard)) as run:
         df = aggregate(a.inputs)
-        derived = [corruption_rows(df, a.clean_sets)]
+        derived = [corruption_rows(df, a.clean_sets), flip_rate_rows(df, a.flip_rate_baseline)]
         if er.get("reference") and er.get("baselines"):
             derived.append(effective_robustness_table_rows(df, er["reference"], er["baselines"]))
         df = pd.concat([df, *derived], ignore_index=True)
@@ -279,6 +349,49 @@ def build_parser() -> argparse.ArgumentParser:
     _stage_args(p)
     p.set_defaults(func=cmd_zeroshot)
 
+    p = sub.add_parser("corrupt", help="one shard of a corrupted set: corruption x severity x shard")
+    p.add_argument("--name", required=True, help="the corrupted set's key under `corrupt:`")
+    p.add_argument("--params", type=_json_arg, required=True, help="corrupt.<name> as JSON")
+    p.add_argument("--source-root", required=True, help="the prepared source dataset's folder")
+    p.add_argument("--source-type", required=True)
+    p.add_argument("--source-options", type=_json_arg, default={})
+    p.add_argument("--corruption", required=True)
+    p.add_argument("--severity", type=int, required=True)
+    p.add_argument("--shard", type=int, required=True)
+    p.add_argument("--out", required=True, help="the corrupted set's folder")
+    _stage_args(p)
+    p.set_defaults(func=cmd_corrupt)
+
+    p = sub.add_parser("corrupt-merge", help="join a corrupted set's shards into its manifest")
+    p.add_argument("--name", required=True)
+    p.add_argument("--params", type=_json_arg, required=True)
+    p.add_argument("--source-root", required=True)
+    p.add_argument("--shards", nargs="+", required=True, help="every shard manifest of the set")
+    p.add_argument("--out", required=True)
+    _stage_args(p)
+    p.set_defaults(func=cmd_corrupt_merge)
+
+    p = sub.add_parser("perturb", help="one shard of an ImageNet-P-style sequence set: perturbation x shard")
+    p.add_argument("--name", required=True, help="the sequence set's key under `perturb:`")
+    p.add_argument("--params", type=_json_arg, required=True, help="perturb.<name> as JSON")
+    p.add_argument("--source-root", required=True)
+    p.add_argument("--source-type", required=True)
+    p.add_argument("--source-options", type=_json_arg, default={})
+    p.add_argument("--perturbation", required=True)
+    p.add_argument("--shard", type=int, required=True)
+    p.add_argument("--out", required=True)
+    _stage_args(p)
+    p.set_defaults(func=cmd_perturb)
+
+    p = sub.add_parser("perturb-merge", help="join a sequence set's shards into its manifest")
+    p.add_argument("--name", required=True)
+    p.add_argument("--params", type=_json_arg, required=True)
+    p.add_argument("--source-root", required=True)
+    p.add_argument("--shards", nargs="+", required=True)
+    p.add_argument("--out", required=True)
+    _stage_args(p)
+    p.set_defaults(func=cmd_perturb_merge)
+
     p = sub.add_parser("evaluate", help="evaluate a classifier on one eval set → metrics parquet")
     p.add_argument("--params", type=_json_arg, required=True, help="the `evaluate` section as JSON")
     p.add_argument("--classifier", required=True, help="classifier directory (classifier.json)")
@@ -298,6 +411,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help='JSON {corrupted eval set: its clean eval set}, for relative mCE')
     p.add_argument("--effective-robustness", type=_json_arg, default={},
                    help='JSON {"reference": eval set, "baselines": [model ids]} (the `report` section\'s entry)')
+    p.add_argument("--flip-rate-baseline", default=None, help="model id whose flip probabilities normalise FR/mFR")
     _stage_args(p)
     p.set_defaults(func=cmd_report)
 

@@ -93,8 +93,19 @@ def _cross_reference_problems(p: Mapping[str, Any]) -> list[str]:
 
     models = set(p["models"])
     registered = set(dataset_names())
-    known = {"miniworld", *p["datasets"]}  # eval/label datasets are keys: miniworld or datasets.*
+    sources = {"miniworld", *p["datasets"]}  # what can be corrupted: miniworld or datasets.*
+    known = {*sources, *p["corrupt"], *p["perturb"]}  # eval/label datasets: those and the sets built here
     out = []
+    for section_name in ("corrupt", "perturb"):
+        for key, spec in p[section_name].items():
+            if key in sources or (section_name == "perturb" and key in p["corrupt"]):
+                owner = "the mini-world" if key == "miniworld" else "datasets." + key if key in sources else "corrupt." + key
+                out.append(f"{section_name}.{key}: the name is taken by {owner}")
+            if spec["dataset"] not in sources:
+                out.append(f"{section_name}.{key}.dataset: '{spec['dataset']}' is neither miniworld nor a key of datasets "
+                           f"({sorted(sources)})")
+            if (spec["resize"] is None) != (spec["crop"] is None):
+                out.append(f"{section_name}.{key}: resize and crop are both set (256, 224) or both null (native size)")
     for key, spec in p["datasets"].items():
         if spec["type"] not in registered or spec["type"] == "miniworld":
             out.append(f"datasets.{key}.type: unknown dataset type '{spec['type']}' (registered: {sorted(registered - {'miniworld'})})")
@@ -117,7 +128,7 @@ def _cross_reference_problems(p: Mapping[str, Any]) -> list[str]:
         out.append(f"miniworld.reference_domain: '{mw['reference_domain']}' is not in miniworld.domains")
     for name, spec in p["eval_sets"].items():
         if spec["dataset"] not in known:
-            out.append(f"eval_sets.{name}.dataset: '{spec['dataset']}' is neither miniworld nor a key of datasets ({sorted(known)})")
+            out.append(f"eval_sets.{name}.dataset: '{spec['dataset']}' is neither miniworld nor a key of datasets, corrupt or perturb ({sorted(known)})")
         elif spec["dataset"] == "miniworld" and spec.get("domain") not in mw["domains"]:
             out.append(f"eval_sets.{name}.domain: '{spec.get('domain')}' is not in miniworld.domains")
         if spec.get("clean") is not None and spec["clean"] not in p["eval_sets"]:

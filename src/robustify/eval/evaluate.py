@@ -47,12 +47,18 @@ def evaluate(
     device: str = "cpu",
 ) -> pd.DataFrame:
     frame = dataset.select(spec.split, spec.domain)
+    ctx = {**context, "eval_dataset": eval_name, "shift_type": spec.shift_type}
+    if "perturbation" in frame.columns:  # ImageNet-P-style sequences: flip probability per perturbation
+        from robustify.eval.sequences import evaluate_sequences
+
+        workers = None if cfg.workers == "auto" else int(cfg.workers)
+        return evaluate_sequences(classifier, dataset, frame, preprocess(classifier.encoder), cfg.batch_size,
+                                  workers, device, ctx)
     logits, labels = predict(
         classifier, frame, preprocess(classifier.encoder), cfg.batch_size,
         None if cfg.workers == "auto" else int(cfg.workers), device, dataset.load_image,
     )
     logits = dataset.project_logits(logits)
-    ctx = {**context, "eval_dataset": eval_name, "shift_type": spec.shift_type}
     if "corruption" not in frame.columns:
         return make_rows(ctx, classification_metrics(logits, labels, cfg.ece_bins), n=len(labels))
     # Corrupted sets (ImageNet-C, ObjectNet-C): one measurement per corruption × severity, each over

@@ -18,17 +18,12 @@ import torch
 import torch.nn.functional as F
 from torchmetrics.functional.classification import multiclass_accuracy, multiclass_calibration_error
 
+from robustify.corruptions.names import CORRUPTIONS, EXTRA_CORRUPTIONS, SEVERITIES  # noqa: F401 (re-exported)
 from robustify.eval.schema import make_rows
 
-# ImageNet-C corruption names as in hendrycks/robustness (folder names of the released data).
-TEST_CORRUPTIONS: tuple[str, ...] = (
-    "gaussian_noise", "shot_noise", "impulse_noise",
-    "defocus_blur", "glass_blur", "motion_blur", "zoom_blur",
-    "snow", "frost", "fog",
-    "brightness", "contrast", "elastic_transform", "pixelate", "jpeg_compression",
-)
-EXTRA_CORRUPTIONS: tuple[str, ...] = ("speckle_noise", "gaussian_blur", "spatter", "saturate")
-SEVERITIES: tuple[int, ...] = (1, 2, 3, 4, 5)
+
+# ImageNet-C names, in the corruptions layer (re-exported here for the metric functions' users).
+TEST_CORRUPTIONS: tuple[str, ...] = CORRUPTIONS
 
 # AlexNet top-1 error per corruption, *averaged over the 5 severities* (SPEC §5, Hendrycks & Dietterich
 # 2019). The CE denominator Σ_s E^AlexNet_{s,c} is therefore 5 × this mean.

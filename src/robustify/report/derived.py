@@ -16,10 +16,13 @@ from robustify.eval.metrics import (
     effective_robustness,
     effective_robustness_rows,
     fit_effective_robustness,
+    flip_rates,
     mce_rows,
     mce_summary,
+    mean_flip_rate,
     severity_table,
 )
+from robustify.eval.schema import make_rows
 
 log = logging.getLogger(__name__)
 
@@ -100,4 +103,25 @@ def effective_robustness_table_rows(df: pd.DataFrame, reference: str, baselines:
         rho = effective_robustness(fit, pair[reference].to_dict(), pair[target].to_dict())
         ctx = {"eval_dataset": target, "shift_type": shift_of.get(target), "method_params": {"reference": reference}}
         parts.append(effective_robustness_rows(ctx, rho, fit, n=None))
+    return pd.concat(parts, ignore_index=True) if parts else df.iloc[:0]
+
+
+def flip_rate_rows(df: pd.DataFrame, baseline: str | None) -> pd.DataFrame:
+    """FR_p = FP_p(model) / FP_p(baseline) per perturbation and mFR, for every model × sequence set on which
+    `baseline` (a model id run through the same pipeline; SPEC §5) was evaluated too."""
+    fp = df[(df["metric"] == "flip_probability") & df["corruption"].notna() & df["model_id"].notna()]
+    if baseline is None or fp.empty:
+        return df.iloc[:0]
+    parts = []
+    for eval_dataset, part in fp.groupby("eval_dataset", sort=False):
+        base = part[part["model_id"] == baseline].set_index("corruption")["value"].to_dict()
+        if not base:
+            log.warning("flip rates on %s: baseline %s was not evaluated there", eval_dataset, baseline)
+            continue
+        for model_id, mp in part.groupby("model_id", sort=False):
+            rates = flip_rates(mp.set_index("corruption")["value"].to_dict(), base)
+            ctx = {**_context(mp), "severity": None}
+            n = int(mp["n"].min())
+            parts += [make_rows({**ctx, "corruption": p}, {"flip_rate": v}, n) for p, v in rates.items()]
+            parts.append(make_rows({**ctx, "corruption": None}, {"mfr": mean_flip_rate(rates)}, n))
     return pd.concat(parts, ignore_index=True) if parts else df.iloc[:0]

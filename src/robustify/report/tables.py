@@ -77,6 +77,19 @@ def robustness_markdown(df: pd.DataFrame) -> str:
                   by_severity.to_markdown(floatfmt=".1f"), ""]
     if not corrupted:
         parts += ["No corrupted eval sets in this run.", ""]
+    for name in dict.fromkeys(df.loc[df["metric"] == "flip_probability", "eval_dataset"]):
+        part = df[(df["eval_dataset"] == name) & df["model_id"].notna()]
+        fp = part[part["metric"] == "flip_probability"]
+        table = fp.pivot_table(index="model_id", columns="corruption", values="value", aggfunc="first", sort=False)
+        table = table[list(dict.fromkeys(fp["corruption"]))] * 100
+        for metric, label in (("mfr", "mFR"),):
+            agg = part[part["metric"] == metric].set_index("model_id")["value"]
+            if not agg.empty:
+                table[label] = agg.reindex(table.index) * 100
+        table.index.name, table.columns.name = "model", None
+        parts += [f"## {name}: flip probability (%) per perturbation", "", table.to_markdown(floatfmt=".2f"), "",
+                  "mFR in %: mean over perturbations of FP(model) / FP(baseline), the baseline being "
+                  "`report.flip_rate_baseline` evaluated in the same run (SPEC §5).", ""]
     er = df[df["metric"] == "effective_robustness"]
     if not er.empty:
         ref = er["method_params"].iloc[0]
