@@ -50,8 +50,9 @@ def workdir(tmp_path_factory, repo) -> Path:
 
 def test_table_is_sane(workdir):
     df = pd.read_parquet(workdir / "results/all_metrics.parquet")
-    acc = df[df["metric"] == "accuracy"].set_index("eval_dataset")["value"]
-    assert len(acc) == 5 and df["n"].eq(300).all()
+    domains = df[df["eval_dataset"].str.fullmatch(r"miniworld-(photo|sketch|clipart|painting|infographic)")]
+    acc = domains[domains["metric"] == "accuracy"].set_index("eval_dataset")["value"]
+    assert len(acc) == 5 and domains["n"].eq(300).all()
     # The full run is far above chance on photo, sketch and clipart; the tiny world at least on these.
     assert acc["miniworld-sketch"] > 2 * CHANCE and acc["miniworld-clipart"] > 2 * CHANCE
     assert acc["miniworld-photo"] > CHANCE
@@ -62,12 +63,32 @@ def test_table_is_sane(workdir):
     assert "zeroshot/tinyclip" in (workdir / "results/summary.json").read_text()
 
 
+def test_corrupted_and_sequence_sets_are_built_and_scored(workdir):
+    df = pd.read_parquet(workdir / "results/all_metrics.parquet")
+    cells = df[(df["eval_dataset"] == "miniworld-c") & (df["metric"] == "accuracy")]
+    assert len(cells) == 3 * 5 and cells["n"].eq(60).all() and cells["severity"].notna().all()
+    mce = df[(df["eval_dataset"] == "miniworld-c") & (df["metric"] == "relative_mce_subset")]
+    assert mce["corruption"].item() == "gaussian_noise+defocus_blur+contrast" and mce["value"].notna().all()
+    manifest = pd.read_parquet(workdir / "data/miniworld-c/manifest.parquet")
+    assert len(manifest) == 3 * 5 * 60 and manifest["sha256"].nunique() == len(manifest)
+    fp = df[(df["eval_dataset"] == "miniworld-p") & (df["metric"] == "flip_probability")]
+    assert sorted(fp["corruption"]) == ["gaussian_noise", "rotate", "translate"] and fp["n"].eq(20).all()
+    assert fp["value"].between(0, 1).all() and fp["value"].gt(0).any()
+    mfr = df[(df["eval_dataset"] == "miniworld-p") & (df["metric"] == "mfr")]
+    assert mfr["value"].item() == pytest.approx(1.0)  # the zero-shot model is its own flip-rate baseline
+    table = (workdir / "results/tables/robustness.md").read_text()
+    assert "miniworld-c: top-1 accuracy (%) per corruption" in table and "miniworld-p: flip probability" in table
+
+
 def test_one_mlflow_run_per_job(workdir):
     client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
     exp = client.get_experiment_by_name("robustify-ci")
     runs = client.search_runs([exp.experiment_id])
     stages = sorted(r.data.tags["stage"] for r in runs)
-    assert stages == ["evaluate"] * 5 + ["miniworld", "pipeline", "pretrain", "report", "zeroshot"]
+    expected = (["corrupt"] * 30 + ["corrupt_merge"] + ["evaluate"] * 7
+                + ["miniworld", "perturb", "perturb", "perturb", "perturb_merge", "pipeline", "pretrain", "report",
+                   "zeroshot"])
+    assert stages == expected
     parent = next(r for r in runs if r.data.tags["stage"] == "pipeline")
     jobs = [r for r in runs if r is not parent]
     assert all(r.data.tags["mlflow.parentRunId"] == parent.info.run_id for r in jobs)
@@ -84,7 +105,7 @@ def test_second_run_does_nothing_and_param_change_reruns_only_dependents(workdir
     override.write_text("evaluate: {ece_bins: 10}\n")
     out = _run([str(BIN / "snakemake"), "-n", "--cores", "2", "all", "--configfile", "params.yaml", str(override)], workdir)
     jobs = [line.split()[1].rstrip(":") for line in out.splitlines() if line.startswith(("rule ", "localrule "))]
-    assert sorted(set(jobs)) == ["all", "evaluate", "report"] and jobs.count("evaluate") == 5
+    assert sorted(set(jobs)) == ["all", "evaluate", "report"] and jobs.count("evaluate") == 7
 
 
 def test_dvc_repro_records_without_rerunning_then_follows_params(workdir):
@@ -92,7 +113,7 @@ def test_dvc_repro_records_without_rerunning_then_follows_params(workdir):
     _run([dvc, "init", "--no-scm", "-q"], workdir)
     before = {p: p.stat().st_mtime_ns for p in (workdir / "results/metrics").rglob("*.parquet")}
     out = _run([dvc, "repro"], workdir)
-    assert out.count("Nothing to be done") == 5, out
+    assert out.count("Nothing to be done") == 7, out
     assert {p: p.stat().st_mtime_ns for p in before} == before
     out = _run([dvc, "status"], workdir)
     assert "up to date" in out
@@ -105,4 +126,4 @@ def test_dvc_repro_records_without_rerunning_then_follows_params(workdir):
     assert ran == ["evaluate", "report"], out
     assert "Finished jobid" in out and "rule pretrain" not in out and "rule miniworld" not in out
     df = pd.read_parquet(workdir / "results/all_metrics.parquet")
-    assert df["run_id"].nunique() == 5
+    assert df["run_id"].nunique() == 7

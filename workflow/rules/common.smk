@@ -6,6 +6,8 @@ import re
 import uuid
 
 from robustify.config import validate_params
+from robustify.corruptions.names import corruption_names, perturbation_names
+from robustify.data.registry import corrupted_type
 
 # Fails before any job runs, naming the offending key (e.g. "unknown key pretrain.stepz").
 validate_params(
@@ -36,6 +38,12 @@ wildcard_constraints:
     dataset="|".join(re.escape(k) for k in config["datasets"]) or r"(?!)",
     model=r"[A-Za-z0-9][A-Za-z0-9_.-]*",
     eval_set=r"[A-Za-z0-9][A-Za-z0-9_-]*",
+    cset="|".join(re.escape(k) for k in config["corrupt"]) or r"(?!)",
+    pset="|".join(re.escape(k) for k in config["perturb"]) or r"(?!)",
+    perturbation=r"[a-z_]+",
+    corruption=r"[a-z_]+",
+    severity=r"[1-5]",
+    shard=r"\d+",
     clf=r"[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)*",
 
 
@@ -71,11 +79,31 @@ def dataset_manifest(key):
 
 
 def dataset_type(key):
+    """The registered class that reads a dataset; a corrupted set is read by its source's class for
+    corrupted data (ObjectNet → objectnet-c: the border was cropped before corrupting).
+    """
+    for section in ("corrupt", "perturb"):
+        if key in config[section]:
+            return corrupted_type(dataset_type(config[section][key]["dataset"]))
     return "miniworld" if key == "miniworld" else config["datasets"][key]["type"]
 
 
 def dataset_options(key):
+    for section in ("corrupt", "perturb"):
+        if key in config[section]:
+            return dataset_options(config[section][key]["dataset"])
     return {} if key == "miniworld" else config["datasets"][key].get("options", {})
+
+
+def corrupt_shards(cset):
+    spec = config["corrupt"][cset]
+    names = corruption_names(spec["corruptions"])
+    return [
+        f"data/{cset}/shards/{c}/{s}/{k}.parquet"
+        for c in names
+        for s in spec["severities"]
+        for k in range(spec["shards"])
+    ]
 
 
 def under(root, path):
@@ -131,6 +159,16 @@ def clean_sets():
         for name in chosen
         if config["eval_sets"][name].get("clean") in chosen
     }
+
+
+def perturb_shards(pset):
+    spec = config["perturb"][pset]
+    names = perturbation_names(spec["perturbations"])
+    return [
+        f"data/{pset}/shards/{p}/{k}.parquet"
+        for p in names
+        for k in range(spec["shards"])
+    ]
 
 
 def metric_files():

@@ -18,6 +18,12 @@ rule report:
         out=subpath(output.metrics, parent=True),
         clean=as_json(clean_sets()),
         er=as_json(config["report"]["effective_robustness"]),
+        fr=lambda w: (
+            ""
+            if config["report"]["flip_rate_baseline"] is None
+            else f"--flip-rate-baseline {config['report']['flip_rate_baseline']}"
+        ),
     shell:
         "robustify report --inputs {input:q} --out-dir {params.out:q}"
-        " --clean-sets {params.clean:q} --effective-robustness {params.er:q} > {log:q} 2>&1"
+        " --clean-sets {params.clean:q} --effective-robustness {params.er:q} {params.fr}"
+        " > {log:q} 2>&1"

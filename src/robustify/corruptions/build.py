@@ -162,6 +162,15 @@ def image_seed(spec: BuildSpec, source: str, corruption: str, severity: int) -> 
     return derive_seed(spec.seed, "corrupt", spec.dataset, source, corruption, severity) % (1 << 32)
 
 
+def with_source_columns(frame: pd.DataFrame, items: pd.DataFrame) -> pd.DataFrame:
+    """Carry the source manifest's own columns (domain, wnid, caption, ...) over, so the built set is read
+    by the source's dataset class like the source itself."""
+    for col in items.columns:
+        if col not in frame.columns and col != "path":
+            frame[col] = items[col].to_numpy()
+    return frame
+
+
 def shard_path(out_root: str | Path, corruption: str, severity: int, shard: int) -> Path:
     return Path(out_root) / "shards" / corruption / str(severity) / f"{shard}.parquet"
 
@@ -198,10 +207,7 @@ def build_shard(
         write_bytes(out_root / rel, data)
         rows.append({**base, "path": rel, "sha256": hashlib.sha256(data).hexdigest(), "source_mode": mode,
                      "reject_reason": None})
-    frame = pd.DataFrame(rows, columns=list(SHARD_COLUMNS))
-    extra = [c for c in ("domain",) if c in items.columns]
-    for col in extra:
-        frame[col] = items[col].to_numpy()
+    frame = with_source_columns(pd.DataFrame(rows, columns=list(SHARD_COLUMNS)), items)
     frame["seed"] = frame["seed"].astype("int64")
     frame["severity"] = frame["severity"].astype("int64")
     write_parquet(shard_path(out_root, corruption, severity, shard), frame)

@@ -31,6 +31,7 @@ from robustify.corruptions.build import (
     merge_shards,
     resize_short_side,
     source_items,
+    with_source_columns,
 )
 from robustify.corruptions.names import ALL_PERTURBATIONS, perturbation_names
 from robustify.corruptions.sequences import DIFFICULTIES, make_sequence
@@ -128,9 +129,7 @@ def build_sequence_shard(
         write_bytes(out_root / rel, data)
         rows.append({**base, "path": rel, "frames": len(frames), "sha256": hashlib.sha256(data).hexdigest(),
                      "source_mode": mode, "reject_reason": None})
-    frame = pd.DataFrame(rows, columns=list(SHARD_COLUMNS))
-    if "domain" in items.columns:
-        frame["domain"] = items["domain"].to_numpy()
+    frame = with_source_columns(pd.DataFrame(rows, columns=list(SHARD_COLUMNS)), items)
     for col in ("seed", "difficulty"):
         frame[col] = frame[col].astype("int64")
     frame["frames"] = frame["frames"].astype("Int64")

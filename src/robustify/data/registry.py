@@ -8,6 +8,7 @@ ImageNet-R/A's class masks override it). Adding a dataset is one file with one `
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -108,7 +109,9 @@ class Dataset:
         if self._manifest is None:
             df = read_manifest(self.manifest_path, self.required_columns)
             df = df.copy()
-            df["path"] = [str(self.root / p) for p in df["path"]]
+            # string joins, not pathlib (1.4 s for the mini-world's 72k rows); absolute paths stay as they are
+            root = os.path.join(str(self.root), "")
+            df["path"] = [p if os.path.isabs(p) else root + p for p in df["path"].astype(str)]
             self._manifest = df
         return self._manifest
 
