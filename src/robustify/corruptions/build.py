@@ -68,15 +68,22 @@ class BuildSpec:
 
 def spec_from_params(params: dict[str, Any], where: str, seed: int) -> BuildSpec:
     """`corrupt.<name>` from params.yaml → BuildSpec; `corruptions: common|all` name the ImageNet-C lists."""
-    fields = {f.name for f in dataclasses.fields(BuildSpec)} - {"seed"}
+    return typed_spec(BuildSpec, params, where, seed, "corruptions", corruption_names,
+                      {"severities": tuple(params.get("severities", ()))})
+
+
+def typed_spec(cls: Any, params: dict[str, Any], where: str, seed: int, names_key: str, resolve: Any,
+               extra: dict[str, Any] | None = None) -> Any:
+    """A build spec dataclass from its params section, every error naming the params key."""
+    fields = {f.name for f in dataclasses.fields(cls)} - {"seed"}
     unknown = sorted(set(params) - fields)
     if unknown:
         raise ValueError(f"{where}: unknown key(s) {unknown} (allowed: {sorted(fields)})")
     try:
-        names = corruption_names(params.get("corruptions", "common"))
+        names = resolve(params.get(names_key, "common"))
+        return cls(**{**params, names_key: names, **(extra or {}), "seed": seed})
     except ValueError as e:
-        raise ValueError(f"{where}.{e}") from None
-    return BuildSpec(**{**params, "corruptions": names, "severities": tuple(params["severities"]), "seed": seed})
+        raise ValueError(f"{where}.{e}" if str(e).startswith(names_key) else f"{where}: {e}") from None
 
 
 def source_items(dataset: Dataset, spec: BuildSpec) -> pd.DataFrame:

@@ -31,6 +31,7 @@ from robustify.corruptions.build import (
     merge_shards,
     resize_short_side,
     source_items,
+    typed_spec,
     with_source_columns,
 )
 from robustify.corruptions.names import ALL_PERTURBATIONS, perturbation_names
@@ -71,15 +72,7 @@ class SequenceSpec:
 
 def sequence_spec_from_params(params: dict[str, Any], where: str, seed: int) -> SequenceSpec:
     """`perturb.<name>` → SequenceSpec; `perturbations: common|all` = the 10 test ones | + 4 validation."""
-    fields = {f.name for f in dataclasses.fields(SequenceSpec)} - {"seed"}
-    unknown = sorted(set(params) - fields)
-    if unknown:
-        raise ValueError(f"{where}: unknown key(s) {unknown} (allowed: {sorted(fields)})")
-    try:
-        names = perturbation_names(params.get("perturbations", "common"))
-        return SequenceSpec(**{**params, "perturbations": names, "seed": seed})
-    except ValueError as e:
-        raise ValueError(f"{where}.{e}" if str(e).startswith("perturbations") else f"{where}: {e}") from None
+    return typed_spec(SequenceSpec, params, where, seed, "perturbations", perturbation_names)
 
 
 def sequence_shard_path(out_root: str | Path, perturbation: str, shard: int) -> Path:

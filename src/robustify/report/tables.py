@@ -9,8 +9,9 @@ _PERCENT = {"accuracy", "ece", "effective_robustness"}
 
 def metric_table(df: pd.DataFrame, metric: str) -> pd.DataFrame:
     """model × eval set for one metric (accuracy and ECE in %), with the mean over shifted sets.
-    A corrupted set shows the mean over its corruption × severity cells."""
-    part = df[(df["metric"] == metric) & df["model_id"].notna()]
+    A corrupted set shows the mean over its corruption × severity cells; per-perturbation rows of
+    sequence sets (corruption without severity) belong to the robustness table, not here."""
+    part = df[(df["metric"] == metric) & df["model_id"].notna() & ~(df["corruption"].notna() & df["severity"].isna())]
     if part.empty:
         raise ValueError(f"no '{metric}' rows to tabulate")
     order = list(dict.fromkeys(part["eval_dataset"]))
