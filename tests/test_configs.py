@@ -40,3 +40,7 @@ def test_config_dry_runs(repo, tmp_path, config):
     assert "pretrain" not in jobs and "miniworld" not in jobs  # nothing of the mini-world is built
     n_eval = sum(1 for line in out.splitlines() if line.startswith("rule evaluate:"))
     assert n_eval == len(params["evaluate"]["sets"]) * len(params["zeroshot"]["models"])
+    built = [k for k in params["corrupt"] if k in {params["eval_sets"][s]["dataset"] for s in params["evaluate"]["sets"]}]
+    n_corrupt = sum(1 for line in out.splitlines() if line.startswith("rule corrupt:"))
+    expected = sum(15 * len(params["corrupt"][k]["severities"]) * params["corrupt"][k]["shards"] for k in built)
+    assert n_corrupt == expected  # ObjectNet-C: 15 corruptions x 5 severities x 50 shards, built here

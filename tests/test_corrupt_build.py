@@ -232,3 +232,34 @@ def test_killed_build_resumes_to_a_byte_identical_manifest(tmp_path: Path) -> No
     assert len(m) == N_IMAGES and m["sha256"].nunique() == N_IMAGES and m["seed"].nunique() == N_IMAGES
     for rel in m["path"][:10]:
         assert (out / rel).read_bytes() == (tmp_path / "ref" / rel).read_bytes()
+
+
+def test_objectnet_c_is_built_from_the_cropped_overlap_classes(tmp_path: Path) -> None:
+    import torch
+    from test_datasets_objectnet import FOLDER_TO_LABEL, OVERLAP_FOLDERS, framed_png, write_mappings
+
+    from robustify.data.prepare import prepare
+    from robustify.data.registry import corrupted_type
+
+    release = tmp_path / "objectnet-1.0"
+    write_mappings(release / "mappings")
+    for folder in FOLDER_TO_LABEL:
+        framed_png(release / "images" / folder / f"{folder}_0.png", 64, 48)
+    prepare("objectnet", release, tmp_path / "objectnet", {"classes": "overlap"}, workers=1)
+    source = get_dataset("objectnet", tmp_path / "objectnet", {"classes": "overlap"})
+    # native size, so the only geometry is ObjectNet's own 2-px border crop: 64x48 → 60x44
+    spec = BuildSpec(dataset="objectnet", split="test", corruptions=("contrast",), severities=(1,), resize=None,
+                     crop=None)
+    build_shard(source, spec, "contrast", 1, 0, tmp_path / "objectnet-c", progress=False)
+    merge(tmp_path / "objectnet-c", spec, tmp_path / "objectnet", [shard_path(tmp_path / "objectnet-c", "contrast", 1, 0)])
+
+    assert corrupted_type("objectnet") == "objectnet-c"
+    built = get_dataset("objectnet-c", tmp_path / "objectnet-c", {"classes": "overlap"})
+    items = built.select("test")
+    assert sorted(p.split("/")[-2] for p in items["path"]) == OVERLAP_FOLDERS  # only the 113-overlap classes
+    for path in items["path"]:  # cropped once, before corrupting; objectnet-c does not crop again
+        with Image.open(path) as im:
+            assert im.size == (60, 44)
+        assert built.load_image(path).size == (60, 44)
+    logits = torch.zeros(len(items), 1000)
+    assert built.project_logits(logits).shape == (len(items), len(OVERLAP_FOLDERS))
