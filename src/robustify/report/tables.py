@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pandas as pd
 
+from robustify.corruptions.names import ALL_CORRUPTIONS
+
 _PERCENT = {"accuracy", "ece", "effective_robustness"}
 
 
@@ -47,7 +49,8 @@ def corruption_tables(df: pd.DataFrame, eval_dataset: str) -> tuple[pd.DataFrame
     part = df[df["eval_dataset"] == eval_dataset]
     cells = part[(part["metric"] == "accuracy") & part["corruption"].notna() & part["severity"].notna()]
     by_corruption = cells.pivot_table(index="model_id", columns="corruption", values="value", aggfunc="mean", sort=False) * 100
-    by_corruption = by_corruption[list(dict.fromkeys(cells["corruption"]))]
+    known = {c: i for i, c in enumerate(ALL_CORRUPTIONS)}  # the paper's order: noise, blur, weather, digital
+    by_corruption = by_corruption[sorted(dict.fromkeys(cells["corruption"]), key=lambda c: known.get(c, len(known)))]
     by_corruption["mean"] = by_corruption.mean(axis=1)
     for metric, label in (("mce", "mCE"), ("relative_mce", "rel. mCE"), ("mce_subset", "mCE (subset)"),
                           ("relative_mce_subset", "rel. mCE (subset)")):
