@@ -263,3 +263,19 @@ def test_objectnet_c_is_built_from_the_cropped_overlap_classes(tmp_path: Path) -
         assert built.load_image(path).size == (60, 44)
     logits = torch.zeros(len(items), 1000)
     assert built.project_logits(logits).shape == (len(items), len(OVERLAP_FOLDERS))
+
+
+def test_same_named_sources_in_two_domains_never_overwrite_each_other(tmp_path: Path) -> None:
+    src = tmp_path / "dn"
+    rows = []
+    for domain in ("real", "sketch"):
+        path = src / domain / "cat" / "0001.png"
+        path.parent.mkdir(parents=True)
+        Image.fromarray(_photo(40, 40, len(rows))).save(path)
+        rows.append({"path": f"{domain}/cat/0001.png", "label": 0, "split": "test"})
+    write_parquet(src / "manifest.parquet", pd.DataFrame(rows))
+    write_json(src / "dataset.json", {"classes": ["cat"]})
+    spec = _spec(corruptions=("contrast",), resize=None, crop=None)
+    out = build_shard(get_dataset("imagefolder", src), spec, "contrast", 3, 0, tmp_path / "c", progress=False)
+    assert out["path"].nunique() == 2 and all(p.startswith("contrast/3/cat/0001-") for p in out["path"])
+    assert len(list((tmp_path / "c").glob("contrast/3/cat/*.jpg"))) == 2

@@ -96,6 +96,12 @@ def source_items(dataset: Dataset, spec: BuildSpec) -> pd.DataFrame:
     items = items.copy()
     items["source"] = [str(Path(p).relative_to(dataset.root)) if Path(p).is_relative_to(dataset.root) else p
                        for p in items["path"]]
+    # output name `<class>/<stem>`; sources that would collide (same stem and class in two domains or
+    # folders) get a short hash of their source path, so no output ever overwrites another
+    names = [f"{class_folder(row)}/{Path(row.source).stem}" for row in items.itertuples(index=False)]
+    taken = pd.Series(names).duplicated(keep=False).to_numpy()
+    items["out_name"] = [f"{n}-{hashlib.sha1(src.encode()).hexdigest()[:8]}" if dup else n
+                         for n, src, dup in zip(names, items["source"], taken)]
     return items
 
 
@@ -173,7 +179,7 @@ def with_source_columns(frame: pd.DataFrame, items: pd.DataFrame) -> pd.DataFram
     """Carry the source manifest's own columns (domain, wnid, caption, ...) over, so the built set is read
     by the source's dataset class like the source itself."""
     for col in items.columns:
-        if col not in frame.columns and col != "path":
+        if col not in frame.columns and col not in ("path", "out_name"):
             frame[col] = items[col].to_numpy()
     return frame
 
@@ -202,7 +208,7 @@ def build_shard(
                disable=not progress, mininterval=5)
     for row in bar:
         seed = image_seed(spec, row.source, corruption, severity)
-        rel = f"{corruption}/{severity}/{class_folder(row)}/{Path(row.source).stem}.jpg"
+        rel = f"{corruption}/{severity}/{row.out_name}.jpg"
         base = {"source": row.source, "label": int(row.label), "split": row.split, "corruption": corruption,
                 "severity": severity, "seed": seed}
         try:

@@ -25,7 +25,6 @@ from robustify.corruptions.build import (
     JPEG_QUALITY,
     MAX_PIXELS,
     as_uint8,
-    class_folder,
     encode_jpeg,
     load_source,
     merge_shards,
@@ -106,7 +105,7 @@ def build_sequence_shard(
     for row in tqdm(items.itertuples(index=False), total=len(items), desc=f"{perturbation} [{shard}]",
                     disable=not progress, mininterval=5):
         seed = derive_seed(spec.seed, "perturb", spec.dataset, row.source, perturbation, spec.difficulty) % (1 << 32)
-        rel = f"{perturbation}/{class_folder(row)}/{Path(row.source).stem}.jpg"
+        rel = f"{perturbation}/{row.out_name}.jpg"
         base = {"source": row.source, "label": int(row.label), "split": row.split, "perturbation": perturbation,
                 "difficulty": spec.difficulty, "seed": seed}
         try:
