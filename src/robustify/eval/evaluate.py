@@ -48,16 +48,13 @@ def evaluate(
 ) -> pd.DataFrame:
     frame = dataset.select(spec.split, spec.domain)
     ctx = {**context, "eval_dataset": eval_name, "shift_type": spec.shift_type}
+    transform = preprocess(classifier.encoder)
+    workers = None if cfg.workers == "auto" else int(cfg.workers)  # None: the loader's default
     if "perturbation" in frame.columns:  # ImageNet-P-style sequences: flip probability per perturbation
         from robustify.eval.sequences import evaluate_sequences
 
-        workers = None if cfg.workers == "auto" else int(cfg.workers)
-        return evaluate_sequences(classifier, dataset, frame, preprocess(classifier.encoder), cfg.batch_size,
-                                  workers, device, ctx)
-    logits, labels = predict(
-        classifier, frame, preprocess(classifier.encoder), cfg.batch_size,
-        None if cfg.workers == "auto" else int(cfg.workers), device, dataset.load_image,
-    )
+        return evaluate_sequences(classifier, dataset, frame, transform, cfg.batch_size, workers, device, ctx)
+    logits, labels = predict(classifier, frame, transform, cfg.batch_size, workers, device, dataset.load_image)
     logits = dataset.project_logits(logits)
     if "corruption" not in frame.columns:
         return make_rows(ctx, classification_metrics(logits, labels, cfg.ece_bins), n=len(labels))
