@@ -3,12 +3,11 @@ corruption x severity on a 224x224 and a 375x500 natural-looking image; the exac
 public API (determinism, shapes, greyscale, errors).
 
 Fidelity criteria (engine.py / fast.py document the why):
-* byte-identical: every op except the three below;
+* byte-identical: every op except the two below (shot noise included: its Poisson draws are NumPy's,
+  draw for draw);
 * defocus blur: at most one grey level (float32 FFT correlation vs the reference's float64 one);
 * frost: byte-identical whenever the fork draws one of ImageNet-C's five textures; otherwise we redraw
-  as the original code did — checked against an independent re-derivation of that composite;
-* shot noise: same per-grey-level output distribution (two-sample chi-square on uniform patches,
-  and goodness of fit to the exact Poisson law), since it samples the law by inversion.
+  as the original code did — checked against an independent re-derivation of that composite.
 """
 
 from __future__ import annotations
@@ -19,7 +18,6 @@ import cv2
 import numpy as np
 import pytest
 from scipy import ndimage as ndi
-from scipy.stats import chi2, poisson
 from skimage.filters import gaussian as sk_gaussian
 
 from robustify.corruptions import ALL_CORRUPTIONS, CORRUPTIONS, ENGINES, EXTRA_CORRUPTIONS, SEVERITIES, corrupt
@@ -29,7 +27,6 @@ from robustify.corruptions.fast_weather import FROST, FROST_FILES, frost_choice
 SEED = 20240917
 SHAPES = {"224": (224, 224), "375x500": (375, 500)}
 WITHIN_ONE = {"defocus_blur"}
-STATISTICAL = {"shot_noise"}
 RANDOM_OPS = {"gaussian_noise", "shot_noise", "impulse_noise", "speckle_noise", "glass_blur", "motion_blur",
               "snow", "frost", "fog", "spatter", "elastic_transform"}
 
@@ -82,54 +79,9 @@ def test_fast_matches_reference(images: dict[str, np.ndarray], name: str, shape_
         fast = corrupt(image, name, severity, seed, engine="fast")
         assert fast.dtype == np.uint8 and fast.shape == image.shape and fast.flags.c_contiguous
         assert ref.shape == image.shape
-        if name in STATISTICAL:
-            # another realisation of the same law: same mean level (standard error ~0.1 level over
-            # the >= 150k values) and noise energy within 2 %; the distribution test is the real check
-            assert abs(fast.mean() - ref.mean()) < 0.5, (name, severity)
-            noise_fast, noise_ref = (np.std(x.astype(float) - image) for x in (fast, ref))
-            assert abs(noise_fast - noise_ref) < 0.02 * noise_ref, (name, severity)
-            continue
         diff = np.abs(fast.astype(np.int16) - ref)
         limit = 1 if name in WITHIN_ONE else 0
         assert diff.max() <= limit, f"{name} severity {severity}: max |fast - reference| = {diff.max()}"
-
-
-@pytest.mark.parametrize("severity", SEVERITIES)
-def test_shot_noise_distribution(severity: int) -> None:
-    """Uniform patches at 8 grey levels, 4 seeds each (27 648 values per level): per level, the output
-    histograms of both engines agree (two-sample chi-square) and the fast one fits
-    Poisson(level/255 · photons)/photons (goodness of fit, sparse tail cells pooled). Threshold p > 1e-4:
-    over the 80 tests a correct sampler fails by chance with probability < 1 %, a wrong law (e.g. a
-    rate off by 2 %) fails for sure at this sample size; the seeds are fixed, so the outcome is too."""
-    from robustify.corruptions.fast_noise import SHOT_PHOTONS
-
-    photons = SHOT_PHOTONS[severity - 1]
-    levels = (0, 3, 40, 100, 128, 200, 250, 255)
-    bands = np.repeat(np.array(levels, np.uint8), 48)[None, :, None]
-    patch = np.ascontiguousarray(np.broadcast_to(bands, (48, bands.shape[1], 3)))
-    outputs = {engine: np.stack([corrupt(patch, "shot_noise", severity, s, engine) for s in range(4)])
-               for engine in ENGINES}
-    out_levels = (np.clip(np.arange(photons + 1) / photons, 0, 1) * 255).astype(np.uint8)
-    for i, level in enumerate(levels):
-        counts = {}
-        for engine, out in outputs.items():
-            values = out[:, :, 48 * i:48 * (i + 1)].ravel()
-            counts[engine] = np.array([(values == v).sum() for v in out_levels])
-            assert counts[engine].sum() == values.size, f"{engine} produced a value outside the levels"
-        a, b = counts["fast"], counts["reference"]
-        keep = (a + b) > 0
-        if keep.sum() > 1:
-            stat = (((a - b) ** 2)[keep] / (a + b)[keep]).sum()
-            assert chi2.sf(stat, keep.sum() - 1) > 1e-4, (severity, level, a, b)
-        pmf = np.diff(np.r_[0.0, poisson.cdf(np.arange(photons), level / 255.0 * photons), 1.0])
-        expected = pmf * a.sum()
-        big = expected > 5  # pool the sparse tail cells
-        observed = np.r_[a[big], a[~big].sum()]
-        expected = np.r_[expected[big], expected[~big].sum()]
-        observed, expected = observed[expected > 0], expected[expected > 0]
-        if observed.size > 1:
-            stat = ((observed - expected) ** 2 / expected).sum()
-            assert chi2.sf(stat, observed.size - 1) > 1e-4, (severity, level, observed, expected)
 
 
 def test_frost_texture_set_follows_imagenet_c(images: dict[str, np.ndarray]) -> None:
@@ -161,7 +113,7 @@ def test_frost_texture_set_follows_imagenet_c(images: dict[str, np.ndarray]) -> 
 def test_random_ops_match_across_seeds(images: dict[str, np.ndarray], seed: int) -> None:
     """The aligned random streams hold for other seeds too (edge seeds included), at severity 3."""
     image = np.ascontiguousarray(images["375x500"][100:196, 200:328])
-    for name in sorted(RANDOM_OPS - STATISTICAL):
+    for name in sorted(RANDOM_OPS):
         if name == "frost" and fork_frost_index(seed) == 5:
             continue
         ref = corrupt(image, name, 3, seed, engine="reference")
@@ -172,8 +124,6 @@ def test_small_images_match(images: dict[str, np.ndarray]) -> None:
     """The smallest accepted size (32 px), where motion-blur taps fall off the image and crops are tight."""
     image = np.ascontiguousarray(images["224"][60:92, 40:88])
     for name in ALL_CORRUPTIONS:
-        if name in STATISTICAL:
-            continue
         ref = corrupt(image, name, 5, comparable_seed(name), engine="reference")
         fast = corrupt(image, name, 5, comparable_seed(name), engine="fast")
         limit = 1 if name in WITHIN_ONE else 0
@@ -202,6 +152,33 @@ def test_legacy_stream_matches_randomstate(seed: int) -> None:
     rs = np.random.RandomState(seed)
     for low, high in [(0, 6), (0, 5), (0, 377), (3, 4), (0, 1000)] * 20:
         assert words.randint(low, high) == rs.randint(low, high)
+
+
+@pytest.mark.parametrize("seed", [0, 99, 2**32 - 1])
+def test_poisson_matches_randomstate(seed: int) -> None:
+    """`poisson_fill` is `RandomState.poisson` draw for draw over both of NumPy's samplers and the switch
+    between them (rates 0, just under and at 10, up to 60 and a far tail rate past the bound table),
+    over a run long enough to cross many buffer refills; the stream continues exactly afterwards."""
+    rates = np.array([0.0, 0.3, 2.5, 9.999999, 10.0, 12.7, 30.0, 60.0, 400.0])
+    consts, loggams, bounds = fast_rng.poisson_constants(rates)
+    index = np.random.default_rng(seed).integers(0, rates.size, 60_000).astype(np.uint8)
+    rs = np.random.RandomState(seed)
+    stream = fast_rng.double_stream(seed)
+    got = np.empty(index.size, np.int64)
+    fast_rng.poisson_fill(*stream, index, consts, loggams, bounds, got)
+    assert np.array_equal(got, rs.poisson(rates[index]))
+    after = np.empty(7)
+    fast_rng.uniform_fill(*stream, after, 0.0, 1.0)
+    assert np.array_equal(after, rs.random_sample(7))
+
+
+def test_loggam_is_numpys() -> None:
+    """`loggam(k + 1)` = log(k!) (NumPy's SPECFUN routine; at k = 0, 1 exactly 0)."""
+    from scipy.special import gammaln
+
+    assert fast_rng.loggam(1.0) == 0.0 and fast_rng.loggam(2.0) == 0.0
+    xs = np.array([3.0, 4.5, 7.0, 8.0, 51.0, 700.0])
+    assert np.allclose([fast_rng.loggam(x) for x in xs], gammaln(xs), rtol=1e-13, atol=0)
 
 
 def test_pcg64_lanes_match_generator() -> None:

@@ -4,8 +4,8 @@ Two engines, each a registry `name -> fn(image, severity, seed)` in its own modu
 use (they pull in numba, OpenCV, scikit-image):
 
 * `fast` (default, `fast.py`): our vectorised implementation, >= 10x faster. Byte-identical to
-  `reference` for the same seed on every op except defocus blur (within one grey level), frost (the
-  texture set of the original ImageNet-C) and shot noise (same distribution, another realisation).
+  `reference` for the same seed on every op except defocus blur (within one grey level) and frost (the
+  texture set of the original ImageNet-C).
 * `reference` (`reference.py`): bethgelab's `imagecorruptions` fork, seeded deterministically.
 
 Every call is a pure function of (image, name, severity, seed): no global RNG is read or left changed.

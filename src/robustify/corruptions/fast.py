@@ -2,12 +2,10 @@
 saturate, elastic, pixelate, JPEG).
 
 Fidelity to the `reference` engine (bethgelab's fork) for the same seed, checked for every op and
-severity by `tests/test_corruptions.py`: byte-identical for every op except three —
+severity by `tests/test_corruptions.py`: byte-identical for every op except two —
 * `defocus_blur`: at most one grey level apart (OpenCV's float32 FFT correlation, `fast_blur.py`);
 * `frost`: texture set of the original ImageNet-C (five, not the fork's six): identical whenever the
-  fork draws one of those five, see `fast_weather.py`;
-* `shot_noise`: the same Poisson law sampled by inversion, not NumPy's sequential sampler: same
-  per-grey-level distribution, different realisation (speed), see `fast_noise.py`.
+  fork draws one of those five, see `fast_weather.py`.
 
 Where the fork differs from the original ImageNet-C code (hendrycks/robustness `make_imagenet_c.py`)
 we follow the fork, as the reference engine does, except for frost's texture set:

@@ -207,6 +207,162 @@ def normal_fill(mt: np.ndarray, buf: np.ndarray, pos: np.ndarray, out: np.ndarra
     pos[0] = i
 
 
+_LOGGAM_A = np.array([8.333333333333333e-02, -2.777777777777778e-03, 7.936507936507937e-04,
+                      -5.952380952380952e-04, 8.417508417508418e-04, -1.917526917526918e-03,
+                      6.410256410256410e-03, -2.955065359477124e-02, 1.796443723688307e-01,
+                      -1.39243221690590e+00])
+_LOGGAM_TABLE = 512  # log((k)!) for the counts PTRS meets at rates <= 60; larger k are computed
+
+
+@njit(cache=True)
+def loggam(x: float) -> float:
+    """NumPy's `random_loggam` (SPECFUN's log-gamma), operation for operation: PTRS compares against
+    it, so a last-bit difference would flip an accept/reject and shift the whole stream."""
+    x0 = x
+    n = 0
+    if x == 1.0 or x == 2.0:
+        return 0.0
+    elif x <= 7.0:
+        n = np.int64(7 - x)
+        x0 = x + n
+    x2 = 1.0 / (x0 * x0)
+    xp = 2 * math.pi
+    gl0 = _LOGGAM_A[9]
+    for k in range(8, -1, -1):
+        gl0 *= x2
+        gl0 += _LOGGAM_A[k]
+    gl = gl0 / x0 + 0.5 * math.log(xp) + (x0 - 0.5) * math.log(x0) - x0
+    if x <= 7.0:
+        for k in range(1, n + 1):
+            gl -= math.log(x0 - 1.0)
+            x0 -= 1.0
+    return gl
+
+
+_PTRS_KMAX = 192  # counts with a precomputed acceptance bound; covers rates <= 60 but for rare tails
+_MARGIN = 1e-9  # relative: far above the few-ulp error of either side of the exact log test
+
+
+@njit(cache=True)
+def poisson_constants(rates: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per rate, the constants NumPy's `random_poisson` recomputes on every call, with the same
+    expressions: (lam, exp(-lam)) for the multiplication method, (a, b, log(invalpha), vr, log(lam),
+    invalpha) for PTRS; `loggam(k + 1)` for small k; and for PTRS the acceptance bound
+    exp(-lam + k·log(lam) - loggam(k + 1)) per count k, which lets the sampler decide almost every
+    squeeze test by one division instead of two logarithms (see `poisson_fill`)."""
+    consts = np.zeros((rates.size, 8))
+    bounds = np.zeros((rates.size, _PTRS_KMAX))
+    table = np.empty(_LOGGAM_TABLE)
+    for k in range(_LOGGAM_TABLE):
+        table[k] = loggam(k + 1.0)
+    for j in range(rates.size):
+        lam = rates[j]
+        consts[j, 0] = lam
+        if lam >= 10:
+            slam = math.sqrt(lam)
+            loglam = math.log(lam)
+            b = 0.931 + 2.53 * slam
+            a = -0.059 + 0.02483 * b
+            invalpha = 1.1239 + 1.1328 / (b - 3.4)
+            consts[j, 1] = a
+            consts[j, 2] = b
+            consts[j, 3] = math.log(invalpha)
+            consts[j, 4] = 0.9277 - 3.6224 / (b - 2)
+            consts[j, 5] = loglam
+            consts[j, 7] = invalpha
+            for k in range(_PTRS_KMAX):
+                bounds[j, k] = math.exp(-lam + k * loglam - table[k])
+        else:
+            consts[j, 6] = math.exp(-lam)
+    return consts, table, bounds
+
+
+@njit(cache=True)
+def poisson_fill(mt: np.ndarray, buf: np.ndarray, pos: np.ndarray, rate_index: np.ndarray, consts: np.ndarray,
+                 loggam_table: np.ndarray, bounds: np.ndarray, out: np.ndarray) -> None:
+    """`out.flat[:] = RandomState.poisson(rates[rate_index])`, draw for draw: NumPy's `random_poisson` —
+    0 at rate 0, Knuth's multiplication method below 10, Hörmann's PTRS (transformed rejection) from 10
+    on — consuming the legacy double stream exactly as the C loop does.
+
+    PTRS's squeeze test `log(V) + log(invalpha) - log(w) <= -lam + k·log(lam) - loggam(k + 1)` is first
+    decided in the linear domain, V·invalpha/w against the precomputed exp of the right side; only when
+    the two are within a relative 1e-9 (the C expressions err by ~1e-13 at most, so outside that band
+    both tests agree) is the C expression itself evaluated."""
+    i = pos[0]
+    for p in range(rate_index.size):
+        j = rate_index[p]
+        lam = consts[j, 0]
+        if lam == 0:
+            out[p] = 0
+        elif lam < 10:
+            # Knuth: count the running products of uniforms that stay above exp(-lam). The products
+            # never increase, so four at a time the count is a sum of comparisons — the same
+            # multiplications in the same order, with one (well-predicted) branch per four draws.
+            enlam = consts[j, 6]
+            x = 0
+            prod = 1.0
+            while True:
+                if i + 4 <= _CAPACITY:
+                    p1 = prod * buf[i]
+                    p2 = p1 * buf[i + 1]
+                    p3 = p2 * buf[i + 2]
+                    p4 = p3 * buf[i + 3]
+                    step = np.int64(p1 > enlam) + np.int64(p2 > enlam) + np.int64(p3 > enlam) + np.int64(p4 > enlam)
+                    x += step
+                    if step < 4:
+                        i += step + 1
+                        break
+                    prod = p4
+                    i += 4
+                else:
+                    if i == _CAPACITY:
+                        _refill_doubles(mt, buf)
+                        i = 0
+                    prod *= buf[i]
+                    i += 1
+                    if prod > enlam:
+                        x += 1
+                    else:
+                        break
+            out[p] = x
+        else:
+            a = consts[j, 1]
+            b = consts[j, 2]
+            log_invalpha = consts[j, 3]
+            vr = consts[j, 4]
+            loglam = consts[j, 5]
+            while True:
+                if i == _CAPACITY:
+                    _refill_doubles(mt, buf)
+                    i = 0
+                u = buf[i] - 0.5
+                i += 1
+                if i == _CAPACITY:
+                    _refill_doubles(mt, buf)
+                    i = 0
+                v = buf[i]
+                i += 1
+                us = 0.5 - abs(u)
+                k = np.int64(math.floor((2 * a / us + b) * u + lam + 0.43))
+                if us >= 0.07 and v <= vr:
+                    break
+                if k < 0 or (us < 0.013 and v > us):
+                    continue
+                w = a / (us * us) + b
+                if k < _PTRS_KMAX:
+                    ratio = v * consts[j, 7] / w
+                    bound = bounds[j, k]
+                    if ratio < bound * (1.0 - _MARGIN):
+                        break
+                    if ratio > bound * (1.0 + _MARGIN):
+                        continue
+                lg = loggam_table[k] if k < _LOGGAM_TABLE else loggam(k + 1.0)
+                if (math.log(v) + log_invalpha - math.log(w)) <= (-lam + k * loglam - lg):
+                    break
+            out[p] = k
+    pos[0] = i
+
+
 class WordStream:
     """Python-side legacy stream of 32-bit words, for the few scalar draws (frost's texture and crop)."""
 
