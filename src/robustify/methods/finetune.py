@@ -1,0 +1,479 @@
+"""One training loop for image-encoder fine-tuning with a classification head (SPEC §2).
+
+Every fine-tuning method (FT, Scratch-FT, LP, LP-FT, EMA, L2SP, KD, CAR-FT, FeatKD, Lipsum-FT) is a
+`FineTuneMethod` registered by name that adds a loss term and/or hooks; the loop never names one.
+
+The recipe is the Lipsum-FT reference's: AdamW, linear warm-up over the first `warmup` fraction of
+the steps then cosine decay to 0, cross-entropy on `ImageClassifier` logits, optional global-norm
+gradient clipping, evaluation every `eval_every` steps on the reference *validation* split keeping the
+best checkpoint. Reproducibility: the batch of step t, its augmentation and any per-step randomness a
+method draws (Lipsum's random texts) are pure functions of (seed, t), so a run resumed from its
+periodic checkpoint ends with the same weights as an uninterrupted one, and under DDP every rank
+draws the same texts and takes its slice of the same global batch.
+
+Frozen reference: the zero-shot classifier (θ0 tower + zero-shot head) is deep-copied *before* being
+frozen, and the tuned copy's parameters are switched on explicitly — freezing first would silently
+freeze the copy too (shared/notes/miniworld-facts.md).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from robustify.io import atomic_path
+from robustify.methods.schedules import warmup_cosine
+from robustify.models.zeroshot import ImageClassifier
+
+log = logging.getLogger(__name__)
+MetricsFn = Callable[[dict[str, float], int], None]
+AUGMENTS = ("none", "shift", "flip-shift")
+AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class FineTuneConfig:
+    """The loop's hyper-parameters (params.yaml `finetune:`; paper defaults in SPEC §2)."""
+
+    steps: int
+    batch_size: int
+    lr: float = 1e-5
+    weight_decay: float = 0.0
+    warmup: float = 0.1  # fraction of the steps
+    grad_clip: float | None = None  # global L2 norm; None = off
+    amp: str = "none"  # none | bf16 | fp16 (CUDA only)
+    eval_every: int = 0  # 0 = only at the end
+    checkpoint_every: int = 0  # resumable state every N steps; 0 = none
+    augment: str = "shift"
+    shift_px: int = 2
+    label_smoothing: float = 0.0
+    eval_batch_size: int = 500
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.batch_size < 1:
+            raise ValueError(f"finetune: steps and batch_size must be >= 1, got {self.steps}, {self.batch_size}")
+        if not 0 <= self.warmup < 1:
+            raise ValueError(f"finetune.warmup is a fraction of the steps in [0, 1), got {self.warmup}")
+        if self.amp not in AMP_DTYPES:
+            raise ValueError(f"finetune.amp must be one of {list(AMP_DTYPES)}, got '{self.amp}'")
+        if self.augment not in AUGMENTS:
+            raise ValueError(f"finetune.augment must be one of {list(AUGMENTS)}, got '{self.augment}'")
+
+    @property
+    def warmup_steps(self) -> int:
+        return math.floor(self.warmup * self.steps)  # lipsum-ft: floor(0.1 * num_iters)
+
+
+# ------------------------------------------------------------------------------------------ data
+def step_generator(seed: int, *words: int) -> torch.Generator:
+    g = torch.Generator()
+    g.manual_seed(int(np.random.SeedSequence([seed % (1 << 63), *words]).generate_state(1, dtype=np.uint64)[0] >> 1))
+    return g
+
+
+def batch_indices(seed: int, step: int, n: int, batch_size: int) -> torch.Tensor:
+    """Epoch-wise shuffling without replacement, as a function of the step alone."""
+    per_epoch = n // batch_size
+    if per_epoch == 0:
+        raise ValueError(f"batch_size {batch_size} exceeds the {n} training images")
+    epoch, k = divmod(step, per_epoch)
+    perm = torch.randperm(n, generator=step_generator(seed, 1, epoch))
+    return perm[k * batch_size:(k + 1) * batch_size]
+
+
+def augment_batch(images: torch.Tensor, kind: str, max_px: int, gen: torch.Generator, first: int = 0,
+                  total: int | None = None) -> torch.Tensor:
+    """Cheap label-preserving augmentation of a float batch: random translation (reflect-padded) and,
+    for `flip-shift`, horizontal flips. The draws are made for the whole global batch of `total`
+    images from `gen` and this batch takes rows `first:first + n`, so a DDP rank's slice is augmented
+    exactly as in a single-process run and the batch is a function of (seed, step)."""
+    n, _, h, w = images.shape
+    total = n if total is None else total
+    if kind == "none" or n == 0:
+        return images
+    flip = torch.rand(total, generator=gen)[first:first + n] < 0.5
+    off = torch.randint(0, 2 * max_px + 1, (total, 2), generator=gen)[first:first + n]
+    if kind == "flip-shift":
+        images = torch.where(flip.to(images.device).view(n, 1, 1, 1), images.flip(-1), images)
+    if max_px == 0:
+        return images
+    padded = F.pad(images, (max_px,) * 4, mode="reflect")
+    return torch.stack([padded[i, :, dy:dy + h, dx:dx + w] for i, (dy, dx) in enumerate(off.tolist())])
+
+
+@dataclass
+class ImageData:
+    """An in-memory split: N×3×H×W uint8 images and their labels, normalised per batch."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    def __post_init__(self) -> None:
+        if self.images.dtype != torch.uint8 or self.images.ndim != 4:
+            raise ValueError(f"images must be an N×3×H×W uint8 tensor, got {self.images.dtype} {tuple(self.images.shape)}")
+        if self.images.shape[0] != self.labels.shape[0]:
+            raise ValueError(f"{self.images.shape[0]} images but {self.labels.shape[0]} labels")
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    def normalise(self, images_uint8: torch.Tensor, device: str | torch.device) -> torch.Tensor:
+        x = images_uint8.to(device).float().div_(255)
+        mean = torch.tensor(self.mean, device=x.device).view(1, -1, 1, 1)
+        std = torch.tensor(self.std, device=x.device).view(1, -1, 1, 1)
+        return (x - mean) / std
+
+    def batches(self, batch_size: int, device: str | torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for i in range(0, len(self), batch_size):
+            yield self.normalise(self.images[i:i + batch_size], device), self.labels[i:i + batch_size].to(device)
+
+
+# ------------------------------------------------------------------------------- methods' view
+@dataclass
+class TextSide:
+    """The frozen text tower, for methods that regularise through text (Lipsum-FT)."""
+
+    encode: Callable[[torch.Tensor], torch.Tensor]  # token ids → unit-norm embeddings (no grad)
+    tokenize: Any
+    corpus: list[str] = field(default_factory=list)  # captions, for the `seen` token pool
+
+
+@dataclass
+class RunContext:
+    """What a method may use at setup: the frozen reference, the text side, the data, the recipe."""
+
+    reference: ImageClassifier
+    text: TextSide | None
+    train: ImageData
+    val: ImageData
+    cfg: FineTuneConfig
+    seed: int
+    device: str
+
+
+@dataclass
+class Batch:
+    """What a method sees of one step: inputs, the tuned model's outputs, and lazily the reference's."""
+
+    images: torch.Tensor  # normalised, augmented, on the device (None for cached-feature training)
+    labels: torch.Tensor
+    features: torch.Tensor  # F_θ(x), unnormalised
+    logits: torch.Tensor
+    step: int
+    seed: int
+    reference: ImageClassifier
+    _ref_features: torch.Tensor | None = None
+
+    @property
+    def reference_features(self) -> torch.Tensor:
+        """F_θ0(x) of the frozen zero-shot tower (computed once per step, without gradients)."""
+        if self._ref_features is None:
+            with torch.no_grad():
+                self._ref_features = self.reference.encoder(self.images).float()
+        return self._ref_features
+
+    @property
+    def reference_logits(self) -> torch.Tensor:
+        with torch.no_grad():
+            return self.reference.head(self.reference_features)
+
+    def generator(self, *words: int) -> torch.Generator:
+        """A per-step random stream: identical on every rank and on resume."""
+        return step_generator(self.seed, 3, self.step, *words)
+
+
+class FineTuneMethod:
+    """Base of every fine-tuning method: plain FT (zero-shot head init, CE only).
+
+    Subclasses override what they change: `setup` (initialisation, LP phases), `extra_loss` (the
+    regulariser λ·R and its logs), `on_step_end` (EMA), `eval_model` (which weights are evaluated
+    and saved), and `state_dict`/`load_state_dict` for any state a resume must restore.
+    """
+
+    name: ClassVar[str] = "ft"
+    trains_encoder: ClassVar[bool] = True
+
+    def __init__(self, **params: Any) -> None:
+        if params:
+            raise ValueError(f"method '{self.name}' takes no parameters, got {sorted(params)}")
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return {}
+
+    def setup(self, model: ImageClassifier, run: RunContext) -> None:
+        """Called once before the loop (also on resume, before the checkpoint is loaded)."""
+
+    def extra_loss(self, batch: Batch, model: ImageClassifier, text: TextSide | None) -> tuple[torch.Tensor | None, dict[str, float]]:
+        return None, {}
+
+    def on_step_end(self, model: ImageClassifier, step: int) -> None:
+        """After the optimiser step of `step` (0-based)."""
+
+    def eval_model(self, model: ImageClassifier) -> nn.Module:
+        return model
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what `state_dict` saved."""
+
+
+METHODS: dict[str, type[FineTuneMethod]] = {}
+
+
+def register(cls: type[FineTuneMethod]) -> type[FineTuneMethod]:
+    if cls.name in METHODS:
+        raise ValueError(f"fine-tuning method '{cls.name}' registered twice")
+    METHODS[cls.name] = cls
+    return cls
+
+
+register(FineTuneMethod)
+
+
+def make_method(name: str, params: dict[str, Any] | None = None) -> FineTuneMethod:
+    """The registered method `name` with its parameters (errors name the method and the key)."""
+    import robustify.methods.regularizers  # noqa: F401  (registers the methods)
+
+    try:
+        cls = METHODS[name]
+    except KeyError:
+        raise ValueError(f"unknown fine-tuning method '{name}' (known: {sorted(METHODS)})") from None
+    try:
+        return cls(**(params or {}))
+    except TypeError as e:
+        raise ValueError(f"method '{name}': {e}") from None
+
+
+# ------------------------------------------------------------------------------------------ loop
+@dataclass
+class FineTuneResult:
+    model: nn.Module  # the best checkpoint's weights (EMA's average for EMA)
+    best_step: int
+    best_val_accuracy: float
+    history: list[dict[str, float]]
+    train_seconds: float
+    steps_run: int
+    step_times: list[float] = field(default_factory=list)
+
+
+def _dist() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+@torch.no_grad()
+def val_accuracy(model: nn.Module, val: ImageData, batch_size: int, device: str) -> float:
+    """Top-1 accuracy on the whole validation split; under DDP each rank scores a slice and the
+    counts are summed, so every rank gets the same number."""
+    rank, world = _dist()
+    was_training = model.training
+    model.eval()
+    idx = torch.arange(rank, len(val), world)
+    correct = torch.zeros((), dtype=torch.float64, device=device)
+    for i in range(0, len(idx), batch_size):
+        sel = idx[i:i + batch_size]
+        logits = model(val.normalise(val.images[sel], device))
+        correct += (logits.argmax(1).cpu() == val.labels[sel]).sum().to(device)
+    if world > 1:
+        torch.distributed.all_reduce(correct)
+    model.train(was_training)
+    return float(correct.item()) / len(val)
+
+
+def _state_cpu(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
+
+
+def _cached_features(encoder: nn.Module, data: ImageData, batch_size: int, device: str) -> torch.Tensor:
+    """Frozen-encoder features of a whole split (LP trains its head on these; no augmentation)."""
+    encoder.eval()
+    with torch.no_grad():
+        return torch.cat([encoder(x).float() for x, _ in data.batches(batch_size, device)])
+
+
+def finetune(
+    model: ImageClassifier,
+    reference: ImageClassifier,
+    method: FineTuneMethod,
+    train: ImageData,
+    val: ImageData,
+    cfg: FineTuneConfig,
+    seed: int,
+    text: TextSide | None = None,
+    resume_path: Path | None = None,
+    fingerprint: str = "",
+    log_metrics: MetricsFn | None = None,
+    device: str = "cpu",
+    stop_after: int | None = None,
+) -> FineTuneResult:
+    """Fine-tune `model` (its tower starts at θ0, its head at the zero-shot head) with `method`.
+
+    `reference` is frozen here (a copy of the zero-shot classifier made by the caller). A resume state
+    at `resume_path` is used only if its `fingerprint` (hash of everything defining the run) matches.
+    `stop_after` ends the run early after that many steps (tests of exact resume).
+    """
+    rank, world = _dist()
+    if cfg.amp != "none" and not str(device).startswith("cuda"):
+        raise ValueError(f"finetune.amp={cfg.amp} needs a CUDA device (got {device})")
+    if cfg.batch_size % world:
+        raise ValueError(f"batch_size {cfg.batch_size} is not divisible by the {world} DDP processes")
+    reference.to(device).eval()
+    for p in reference.parameters():
+        p.requires_grad_(False)
+    model.to(device)
+    for p in model.parameters():
+        p.requires_grad_(True)  # explicit: a tower copied from a frozen model would stay frozen
+    method.setup(model, RunContext(reference, text, train, val, cfg, seed, device))
+    if not method.trains_encoder:
+        for p in model.encoder.parameters():
+            p.requires_grad_(False)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError(f"method '{method.name}' left no trainable parameter")
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scaler = torch.amp.GradScaler("cuda", enabled=cfg.amp == "fp16")
+    start, best_acc, best_step, history, best_state = 0, -1.0, 0, [], None
+    if resume_path is not None and resume_path.exists():
+        state = torch.load(resume_path, map_location=device, weights_only=True)
+        if state.get("fingerprint") == fingerprint:
+            model.load_state_dict(state["model"])
+            opt.load_state_dict(state["optimizer"])
+            scaler.load_state_dict(state["scaler"])
+            method.load_state_dict(state["method"])
+            start, best_acc, best_step = int(state["step"]), float(state["best_acc"]), int(state["best_step"])
+            best_state, history = state["best_state"], list(state["history"])
+            log.info("resumed from step %d (%s)", start, resume_path)
+        elif rank == 0:
+            resume_path.unlink()
+
+    net: nn.Module = model
+    if world > 1 and method.trains_encoder:
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[torch.device(device).index] if str(device).startswith("cuda") else None)
+    cached = _cached_features(model.encoder, train, cfg.eval_batch_size, device) if not method.trains_encoder else None
+    amp_dtype = AMP_DTYPES[cfg.amp]
+    per_rank = cfg.batch_size // world
+    t0, step_times, losses = time.perf_counter(), [], []
+    end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
+    for step in range(start, end):
+        t_step = time.perf_counter()
+        lr = warmup_cosine(step, cfg.steps, cfg.warmup_steps, cfg.lr)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        idx = batch_indices(seed, step, len(train), cfg.batch_size)
+        if method.trains_encoder:  # DDP: each rank its slice; a head on cached features is cheap, every
+            idx = idx[rank * per_rank:(rank + 1) * per_rank]  # rank then takes the same whole-batch step
+        labels = train.labels[idx].to(device)
+        torch.manual_seed(step_generator(seed, 4, step).initial_seed())  # dropout etc.: a function of the step
+        model.train()
+        if not method.trains_encoder:
+            model.encoder.eval()
+        with torch.autocast("cuda", dtype=amp_dtype, enabled=amp_dtype is not None):
+            if cached is not None:
+                images, features = None, cached[idx.to(cached.device)]
+                logits = model.head(features)
+            else:
+                images = augment_batch(train.normalise(train.images[idx], device), cfg.augment, cfg.shift_px,
+                                       step_generator(seed, 2, step), rank * per_rank, cfg.batch_size)
+                if world > 1:  # DDP must see the whole forward to reduce the gradients
+                    features, logits = _ddp_forward(net, images)
+                else:
+                    features = model.encoder(images)
+                    logits = model.head(features)
+            ce = F.cross_entropy(logits.float(), labels, label_smoothing=cfg.label_smoothing)
+            batch = Batch(images, labels, features, logits, step, seed, reference)
+            extra, extra_logs = method.extra_loss(batch, model, text)
+            loss = ce if extra is None else ce + extra
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        grad_norm = float("nan")
+        if cfg.grad_clip is not None:
+            scaler.unscale_(opt)
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
+        scaler.step(opt)
+        scaler.update()
+        method.on_step_end(model, step)
+        step_times.append(time.perf_counter() - t_step)
+        losses.append({"loss": loss.item(), "ce": ce.item(), **extra_logs})
+        done = step + 1
+        if cfg.eval_every and done % cfg.eval_every == 0 or done == cfg.steps:
+            acc = val_accuracy(method.eval_model(model), val, cfg.eval_batch_size, device)
+            record = {"step": done, "val_accuracy": acc, "lr": lr, "grad_norm": grad_norm,
+                      **{k: float(np.mean([r[k] for r in losses[-cfg.eval_every or None:]])) for k in losses[-1]}}
+            history.append(record)
+            if acc > best_acc:  # strictly better: ties keep the earlier checkpoint
+                best_acc, best_step, best_state = acc, done, _state_cpu(method.eval_model(model))
+            if log_metrics is not None and rank == 0:
+                log_metrics({k: v for k, v in record.items() if k != "step" and not math.isnan(v)}, done)
+        if (resume_path is not None and cfg.checkpoint_every and done % cfg.checkpoint_every == 0
+                and done < cfg.steps and rank == 0):
+            with atomic_path(resume_path) as tmp:
+                torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
+                            "method": method.state_dict(), "step": done, "best_acc": best_acc, "best_step": best_step,
+                            "best_state": best_state, "history": history, "fingerprint": fingerprint}, tmp)
+    if world > 1:
+        torch.distributed.barrier()
+    final = copy.deepcopy(method.eval_model(model)).cpu().eval()
+    if best_state is not None:
+        final.load_state_dict(best_state)
+    if resume_path is not None and rank == 0 and end == cfg.steps:
+        resume_path.unlink(missing_ok=True)
+    return FineTuneResult(final, best_step, best_acc, history, time.perf_counter() - t0, end - start, step_times)
+
+
+def _ddp_forward(net: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Features and logits through the DDP wrapper (its forward registers the gradient all-reduce)."""
+    features = {}
+
+    def keep(_module: nn.Module, _inputs: Any, output: torch.Tensor) -> None:
+        features["f"] = output
+
+    handle = net.module.encoder.register_forward_hook(keep)
+    try:
+        logits = net(images)
+    finally:
+        handle.remove()
+    return features["f"], logits
+
+
+def config_from(params: dict[str, Any], where: str = "finetune") -> FineTuneConfig:
+    fields = {f.name for f in dataclasses.fields(FineTuneConfig)}
+    unknown = sorted(set(params) - fields)
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {unknown} (allowed: {sorted(fields)})")
+    return FineTuneConfig(**params)
+
+
+def tuned_and_reference(clip: nn.Module, head: nn.Module) -> tuple[ImageClassifier, ImageClassifier, TextSide]:
+    """(tuned classifier, frozen reference, text side) from a CLIP model and its zero-shot head.
+
+    The tuned copy is made *before* anything is frozen; the text tower stays frozen and is only used
+    through `TextSide.encode`.
+    """
+    model = ImageClassifier(copy.deepcopy(clip.visual), copy.deepcopy(head))
+    reference = ImageClassifier(clip.visual, head).eval()
+    for p in clip.parameters():
+        p.requires_grad_(False)
+
+    @torch.no_grad()
+    def encode(ids: torch.Tensor) -> torch.Tensor:
+        return F.normalize(clip.encode_text(ids).float(), dim=-1)
+
+    return model, reference, TextSide(encode=encode, tokenize=None)
