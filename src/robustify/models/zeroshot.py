@@ -109,13 +109,34 @@ def save_zeroshot_classifier(
     })
 
 
-def load_classifier(clf_dir: str | Path) -> tuple[ImageClassifier, dict[str, Any]]:
+def save_classifier(out_dir: str | Path, classifier: ImageClassifier, base: dict[str, Any], info: dict[str, Any]) -> None:
+    """A trained classifier directory: its own tower (`encoder.safetensors`) and head, plus `base`'s
+    keys (family, arch, the pre-trained CLIP checkpoint — the text tower and θ0 stay referenced)."""
+    out_dir = Path(out_dir)
+    save_safetensors(out_dir / "encoder.safetensors", classifier.encoder.state_dict())
+    save_safetensors(out_dir / "head.safetensors", classifier.head.state_dict())
+    keep = {k: base[k] for k in ("family", "arch", "checkpoint", "train_dataset", "classes") if k in base}
+    write_json(out_dir / "classifier.json", {**keep, "head": "head.safetensors", "encoder": "encoder.safetensors",
+                                             "head_type": "trained", **info})
+
+
+def load_classifier(clf_dir: str | Path, with_clip: bool = False) -> tuple[ImageClassifier, dict[str, Any]] | tuple[ImageClassifier, dict[str, Any], nn.Module]:
+    """(classifier, classifier.json) — and the whole pre-trained CLIP when `with_clip` (its text tower
+    and θ0 tower; the classifier's tower is then a separate copy)."""
     clf_dir = Path(clf_dir)
     info = read_json(clf_dir / "classifier.json")
     for key in ("family", "arch", "checkpoint", "head"):
         if key not in info:
             raise ValueError(f"{clf_dir / 'classifier.json'}: missing key '{key}'")
     clip = create_clip(ModelSpec(info["family"], info["arch"]), checkpoint=info["checkpoint"])
+    encoder = clip.visual
+    if info.get("encoder"):
+        if with_clip:
+            import copy
+
+            encoder = copy.deepcopy(clip.visual)
+        encoder.load_state_dict(load_safetensors(clf_dir / info["encoder"]), strict=True)
     state = load_safetensors(clf_dir / info["head"])
     head = ZeroShotHead(state["weight"], state["logit_scale"], state["ctx"])
-    return ImageClassifier(clip.visual, head).eval(), info
+    classifier = ImageClassifier(encoder, head).eval()
+    return (classifier, info, clip) if with_clip else (classifier, info)
