@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -66,3 +67,32 @@ def test_pretrain_refuses_images_of_the_wrong_size(world, tiny_world_cfg, tmp_pa
     with pytest.raises(SystemExit, match="images are 48 px but tinyclip-rn32 expects"):
         main(["pretrain", "--params", json.dumps(PRETRAIN), "--model-spec", json.dumps(SPEC),
               "--dataset-root", big.root, "--out", "x", "--device", "cpu"])
+
+
+def test_finetune_stage_trains_saves_and_evaluates(world, tiny_world_cfg):
+    """pretrain → zeroshot → finetune (Lipsum-FT, `seen` pool from the captions) → evaluate; a rerun of
+    the fine-tuning writes byte-identical weights."""
+    _chain(world, "a")
+    common = ["--seed", "1", "--device", "cpu", "--threads", "1", "--experiment", "t"]
+    recipe = {"steps": 4, "batch_size": 8, "lr": 1e-3, "eval_every": 2, "checkpoint_every": 2}
+    method = {"texts": 6, "vocab": "seen"}
+    weights = []
+    for out in ("ft1", "ft2"):
+        main(["finetune", "--params", json.dumps(recipe), "--method", "lipsum-ft", "--method-params", json.dumps(method),
+              "--model-name", "tinyclip", "--zeroshot", "a/zs", "--dataset-root", world, "--dataset-type", "miniworld",
+              "--domain", "photo", "--corpus-split", "pretrain", "--train-dataset", "miniworld", "--out", out, *common])
+        with open(f"{out}/encoder.safetensors", "rb") as f:
+            weights.append(f.read())
+    assert weights[0] == weights[1]
+    info = json.loads(open("ft1/classifier.json").read())
+    assert info["model_id"] == "ft/tinyclip/lipsum-ft/s1" and info["method_params"]["vocab"] == "seen"
+    assert info["best_step"] in (2, 4) and not Path("ft1/resume.pt").exists()
+    with open("a/pre/model.safetensors", "rb") as f:
+        assert f.read() != weights[0]
+    ev = {"dataset": "miniworld", "split": "test", "domain": "photo", "shift_type": "reference"}
+    main(["evaluate", "--params", json.dumps({"batch_size": 7, "ece_bins": 15, "workers": 0}),
+          "--classifier", "ft1", "--eval-name", "mw-photo", "--eval-set", json.dumps(ev),
+          "--dataset-root", world, "--dataset-type", "miniworld", "--out", "ft.parquet", *common])
+    rows = pd.read_parquet("ft.parquet")
+    assert set(rows["method"]) == {"lipsum-ft"} and set(rows["seed"]) == {1}
+    assert rows["n"].eq(tiny_world_cfg.test_per_domain).all()

@@ -43,4 +43,6 @@ def test_config_dry_runs(repo, tmp_path, config):
     built = [k for k in params["corrupt"] if k in {params["eval_sets"][s]["dataset"] for s in params["evaluate"]["sets"]}]
     n_corrupt = sum(1 for line in out.splitlines() if line.startswith("rule corrupt:"))
     expected = sum(15 * len(params["corrupt"][k]["severities"]) * params["corrupt"][k]["shards"] for k in built)
-    assert n_corrupt == expected  # ObjectNet-C: 15 corruptions x 5 severities x 50 shards, built here
+    assert n_corrupt == expected  # ObjectNet-C: 15 corruptions x 5 severities x 20 shards, built here
+    n_sources = sum(1 for line in out.splitlines() if line.startswith("rule corrupt_sources:"))
+    assert n_sources == sum(params["corrupt"][k]["shards"] for k in built)  # each shard decoded once

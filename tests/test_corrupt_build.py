@@ -19,13 +19,16 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from robustify.cli import main
 from robustify.corruptions.build import (
     BuildSpec,
     build_shard,
+    build_sources,
     merge,
     resize_center_crop,
     shard_path,
     source_items,
+    sources_paths,
     spec_from_params,
 )
 from robustify.data.registry import get_dataset
@@ -135,6 +138,62 @@ def test_every_odd_input_is_converted_or_rejected_with_its_reason(tmp_path: Path
     rows = build_shard(dataset, native, "gaussian_noise", 3, 0, tmp_path / "native", progress=False)
     reasons = dict(zip(rows["source"], rows["reject_reason"]))
     assert "too small" in reasons["dog/tiny.png"] and pd.isna(reasons["cat/rgb.jpg"])
+
+
+@pytest.mark.parametrize("geometry", [{}, {"resize": None, "crop": None}], ids=["protocol", "native"])
+def test_cached_sources_give_byte_identical_shards(tmp_path: Path, monkeypatch, geometry: dict) -> None:
+    src = _prepared(tmp_path / "pets", list(CORPUS))
+    _write_corpus(src)
+    dataset, spec = get_dataset("imagefolder", src), _spec(shards=2, **geometry)
+    fresh, cached = tmp_path / "fresh", tmp_path / "cached"
+    indexes = [build_sources(dataset, spec, k, cached, progress=False) for k in range(spec.shards)]
+    index = pd.concat(indexes)
+    reasons = dict(zip(index["source"], index["reject_reason"]))
+    assert set(index["source"]) == set(CORPUS) and "DecompressionBomb" in reasons["cat/bomb.png"]
+    assert index["height"].gt(0).sum() == (7 if not geometry else 6)  # native: the 20x20 image is too small
+    pixels = np.load(sources_paths(cached, 0)[0], mmap_mode="r")
+    assert isinstance(pixels, np.memmap) and pixels.dtype == np.uint8 and pixels.ndim == 1
+    built = []
+    for c in spec.corruptions:
+        for k in range(spec.shards):
+            a = build_shard(dataset, spec, c, 3, k, fresh, progress=False)
+            b = build_shard(dataset, spec, c, 3, k, cached, progress=False, sources=sources_paths(cached, k)[0])
+            pd.testing.assert_frame_equal(a, b)
+            assert shard_path(fresh, c, 3, k).read_bytes() == shard_path(cached, c, 3, k).read_bytes()
+            for rel in a["path"].dropna():
+                assert (fresh / rel).read_bytes() == (cached / rel).read_bytes()
+            built.append(b)
+    built = pd.concat(built)  # the odd inputs went through the cache: converted ones and rejected ones
+    assert {"CMYK", "I;16", "P", "RGBA", "L"} <= set(built["source_mode"].dropna())
+    assert built["reject_reason"].notna().sum() == 2 * (4 if not geometry else 5)
+
+    # the same through the CLI: `corrupt-sources`, then `corrupt --sources`
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    params = json.dumps({k: v for k, v in dataclasses.asdict(spec).items() if k != "seed"})
+    common = ["--name", "pets-c", "--params", params, "--source-root", str(src), "--source-type", "imagefolder",
+              "--shard", "1", "--out", str(tmp_path / "cli"), "--experiment", "t"]
+    main(["corrupt-sources", *common])
+    main(["corrupt", *common, "--corruption", "defocus_blur", "--severity", "3",
+          "--sources", str(sources_paths(tmp_path / "cli", 1)[0])])
+    assert (shard_path(tmp_path / "cli", "defocus_blur", 3, 1).read_bytes()
+            == shard_path(fresh, "defocus_blur", 3, 1).read_bytes())
+
+
+def test_a_cache_of_other_items_or_geometry_is_refused(tmp_path: Path) -> None:
+    src = _prepared(tmp_path / "pets", list(CORPUS))
+    _write_corpus(src)
+    dataset, out = get_dataset("imagefolder", src), tmp_path / "c"
+    npy = sources_paths(out, 0)[0]
+    build_sources(dataset, _spec(max_images=5), 0, out, progress=False)
+    with pytest.raises(ValueError, match=r"sources/0\.npy: decoded-source cache does not match.*5 cached items vs 11"):
+        build_shard(dataset, _spec(), "gaussian_noise", 3, 0, out, progress=False, sources=npy)
+    build_sources(dataset, _spec(resize=None, crop=None), 0, out, progress=False)
+    with pytest.raises(ValueError, match=r"sources/0\.npy: .*built with .*'resize': None"):
+        build_shard(dataset, _spec(), "gaussian_noise", 3, 0, out, progress=False, sources=npy)
+    npy.with_suffix(".parquet").unlink()  # an interrupted cache build leaves no index
+    with pytest.raises(ValueError, match=r"sources/0\.npy: decoded-source cache has no index"):
+        build_shard(dataset, _spec(), "gaussian_noise", 3, 0, out, progress=False, sources=npy)
+    assert not shard_path(out, "gaussian_noise", 3, 0).exists() and not list(out.glob("gaussian_noise/**/*.jpg"))
 
 
 def test_merge_refuses_missing_shards(tmp_path: Path) -> None:

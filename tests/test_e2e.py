@@ -85,7 +85,7 @@ def test_one_mlflow_run_per_job(workdir):
     exp = client.get_experiment_by_name("robustify-ci")
     runs = client.search_runs([exp.experiment_id])
     stages = sorted(r.data.tags["stage"] for r in runs)
-    expected = (["corrupt"] * 30 + ["corrupt_merge"] + ["evaluate"] * 7
+    expected = (["corrupt"] * 30 + ["corrupt_merge"] + ["corrupt_sources"] * 2 + ["evaluate"] * 7
                 + ["miniworld", "perturb", "perturb", "perturb", "perturb_merge", "pipeline", "pretrain", "report",
                    "zeroshot"])
     assert stages == expected

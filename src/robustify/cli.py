@@ -101,13 +101,33 @@ def cmd_corrupt(a: argparse.Namespace) -> None:
               "severity": a.severity, "shard": a.shard, "seed": a.seed}
     with job_run("corrupt", params, a.experiment, _wildcards(a.wildcard)) as run:
         t0 = time.perf_counter()
-        rows = build_shard(dataset, spec, a.corruption, a.severity, a.shard, a.out)
+        rows = build_shard(dataset, spec, a.corruption, a.severity, a.shard, a.out, sources=a.sources)
         rejected = int(rows["reject_reason"].notna().sum())
         seconds = time.perf_counter() - t0
         log.info("%s/%s shard %d: %d images, %d rejected, %.1f s", a.corruption, a.severity, a.shard,
                  len(rows) - rejected, rejected, seconds)
         run.log_metrics({"images": len(rows) - rejected, "rejected": rejected, "seconds": seconds,
                          "images_per_second": (len(rows) - rejected) / max(seconds, 1e-9)})
+
+
+def cmd_corrupt_sources(a: argparse.Namespace) -> None:
+    from robustify.corruptions.build import build_sources, sources_paths
+    from robustify.data.registry import get_dataset
+    from robustify.tracking import job_run
+
+    spec = _corrupt_spec(a)
+    dataset = get_dataset(a.source_type, a.source_root, a.source_options)
+    params = {"corrupt": a.params, "source_type": a.source_type, "shard": a.shard, "seed": a.seed}
+    with job_run("corrupt_sources", params, a.experiment, _wildcards(a.wildcard)) as run:
+        t0 = time.perf_counter()
+        index = build_sources(dataset, spec, a.shard, a.out)
+        rejected = int(index["reject_reason"].notna().sum())
+        seconds = time.perf_counter() - t0
+        npy = sources_paths(a.out, a.shard)[0]
+        log.info("shard %d: %d sources decoded, %d rejected, %.1f s → %s (%.0f MB)", a.shard, len(index) - rejected,
+                 rejected, seconds, npy, npy.stat().st_size / 1e6)
+        run.log_metrics({"images": len(index) - rejected, "rejected": rejected, "seconds": seconds,
+                         "megabytes": npy.stat().st_size / 1e6})
 
 
 def cmd_corrupt_merge(a: argparse.Namespace) -> None:
@@ -240,6 +260,62 @@ def cmd_zeroshot(a: argparse.Namespace) -> None:
         run.log_artifact(Path(a.out) / "classifier.json")
 
 
+def cmd_finetune(a: argparse.Namespace) -> None:
+    import statistics
+
+    import open_clip
+    import torch
+
+    from robustify.data.loading import load_uint8_stack
+    from robustify.data.registry import get_dataset
+    from robustify.io import params_hash, write_json
+    from robustify.methods.finetune import ImageData, config_from, finetune, make_method, tuned_and_reference
+    from robustify.models.clip import tokenizer
+    from robustify.models.zeroshot import load_classifier, save_classifier
+    from robustify.tracking import job_run
+
+    cfg = config_from(a.params, "finetune.recipe")
+    method = make_method(a.method, a.method_params)
+    _setup_torch(a.threads)
+    params = {"recipe": a.params, "method": a.method, "method_params": method.params, "seed": a.seed,
+              "data": {"root": str(a.dataset_root), "domain": a.domain, "train": a.train_split, "val": a.val_split}}
+    with job_run("finetune", params, a.experiment, _wildcards(a.wildcard)) as run:
+        zs, base, clip = load_classifier(a.zeroshot, with_clip=True)
+        dataset = get_dataset(a.dataset_type, a.dataset_root, a.dataset_options)
+        pp = open_clip.get_model_preprocess_cfg(clip)
+        size = pp["size"] if isinstance(pp["size"], int) else pp["size"][-1]
+
+        def split(name: str) -> ImageData:
+            frame = dataset.select(name, a.domain)
+            if frame.empty:
+                raise SystemExit(f"{dataset.manifest_path}: no '{name}' items" + (f" in domain '{a.domain}'" if a.domain else ""))
+            images = load_uint8_stack(frame["path"].tolist())
+            if images.shape[-1] != size or images.shape[-2] != size:
+                raise SystemExit(f"{dataset.manifest_path}: '{name}' images are {images.shape[-1]}x{images.shape[-2]} px "
+                                 f"but {base['arch']} expects {size}")
+            return ImageData(images, torch.tensor(frame["label"].to_numpy(dtype="int64")), tuple(pp["mean"]), tuple(pp["std"]))
+
+        train, val = split(a.train_split), split(a.val_split)
+        model, reference, text = tuned_and_reference(clip, zs.head)
+        text.tokenize = tokenizer(base["arch"])
+        if a.corpus_split:
+            text.corpus = dataset.select(a.corpus_split)["caption"].dropna().tolist()
+        out = Path(a.out)
+        result = finetune(model, reference, method, train, val, cfg, a.seed, text=text, resume_path=out / "resume.pt",
+                          fingerprint=params_hash(params), log_metrics=run.log_metrics, device=resolve_device(a.device))
+        model_id = f"ft/{a.model_name}/{a.method}/s{a.seed}"
+        info = {"model_id": model_id, "method": a.method, "method_params": method.params, "seed": a.seed,
+                "train_dataset": a.train_dataset, "zeroshot": str(a.zeroshot), "best_step": result.best_step,
+                "best_val_accuracy": result.best_val_accuracy}
+        write_json(out / "history.json", {"history": result.history,
+                                          "median_step_seconds": statistics.median(result.step_times or [float("nan")])})
+        save_classifier(out, result.model, base, info)
+        run.log_metrics({"best_val_accuracy": result.best_val_accuracy, "best_step": result.best_step,
+                         "train_seconds": result.train_seconds})
+        log.info("%s: best val accuracy %.4f at step %d (%.1f s)", model_id, result.best_val_accuracy,
+                 result.best_step, result.train_seconds)
+
+
 def cmd_evaluate(a: argparse.Namespace) -> None:
     from robustify.config import EvalSetSpec, EvaluateConfig, section
     from robustify.data.registry import get_dataset
@@ -349,29 +425,56 @@ def build_parser() -> argparse.ArgumentParser:
     _stage_args(p)
     p.set_defaults(func=cmd_zeroshot)
 
-    for section, what, cell, shard_fn, merge_fn in (
-        ("corrupt", "corrupted set", "corruption x severity x shard", cmd_corrupt, cmd_corrupt_merge),
-        ("perturb", "ImageNet-P-style sequence set", "perturbation x shard", cmd_perturb, cmd_perturb_merge),
+    for section, what, cell, shard_fn, merge_fn, sources_fn in (
+        ("corrupt", "corrupted set", "corruption x severity x shard", cmd_corrupt, cmd_corrupt_merge,
+         cmd_corrupt_sources),
+        ("perturb", "ImageNet-P-style sequence set", "perturbation x shard", cmd_perturb, cmd_perturb_merge, None),
     ):
         shard = sub.add_parser(section, help=f"one shard of a {what}: {cell}")
+        sources = sub.add_parser(f"{section}-sources", help=f"decode one shard's sources of a {what} once for "
+                                 "all its cells: sources/<shard>.npy + .parquet") if sources_fn else None
         merged = sub.add_parser(f"{section}-merge", help=f"join a {what}'s shards into its manifest")
-        for p in (shard, merged):
+        readers = [p for p in (shard, sources) if p is not None]  # the commands that read the sources
+        for p in (*readers, merged):
             p.add_argument("--name", required=True, help=f"the set's key under `{section}:`")
             p.add_argument("--params", type=_json_arg, required=True, help=f"{section}.<name> as JSON")
             p.add_argument("--source-root", required=True, help="the prepared source dataset's folder")
             p.add_argument("--out", required=True, help="the built set's folder")
             _stage_args(p)
-        shard.add_argument("--source-type", required=True)
-        shard.add_argument("--source-options", type=_json_arg, default={})
-        shard.add_argument("--shard", type=int, required=True)
+        for p in readers:
+            p.add_argument("--source-type", required=True)
+            p.add_argument("--source-options", type=_json_arg, default={})
+            p.add_argument("--shard", type=int, required=True)
         if section == "corrupt":
             shard.add_argument("--corruption", required=True)
             shard.add_argument("--severity", type=int, required=True)
+            shard.add_argument("--sources", default=None,
+                               help="the shard's decoded-source cache (corrupt-sources' .npy) instead of decoding")
         else:
             shard.add_argument("--perturbation", required=True)
         merged.add_argument("--shards", nargs="+", required=True, help="every shard manifest of the set")
         shard.set_defaults(func=shard_fn)
         merged.set_defaults(func=merge_fn)
+        if sources is not None:
+            sources.set_defaults(func=sources_fn)
+
+    p = sub.add_parser("finetune", help="fine-tune a zero-shot CLIP classifier with one registered method")
+    p.add_argument("--params", type=_json_arg, required=True, help="the fine-tuning recipe (finetune.recipe) as JSON")
+    p.add_argument("--method", required=True, help="registered method: ft, lp, lp-ft, ema, l2sp, kd, car-ft, ...")
+    p.add_argument("--method-params", type=_json_arg, default={}, help="the method's parameters as JSON")
+    p.add_argument("--model-name", required=True, help="the `models:` key (part of the model id)")
+    p.add_argument("--zeroshot", required=True, help="the zero-shot classifier directory to start from")
+    p.add_argument("--dataset-root", required=True)
+    p.add_argument("--dataset-type", required=True)
+    p.add_argument("--dataset-options", type=_json_arg, default={})
+    p.add_argument("--domain", default=None)
+    p.add_argument("--train-split", default="train")
+    p.add_argument("--val-split", default="val", help="the reference validation split (best checkpoint)")
+    p.add_argument("--corpus-split", default=None, help="split whose captions form Lipsum's `seen` token pool")
+    p.add_argument("--train-dataset", default=None, help="results column: what the model is fine-tuned on")
+    p.add_argument("--out", required=True, help="classifier directory (encoder + head + classifier.json)")
+    _stage_args(p)
+    p.set_defaults(func=cmd_finetune)
 
     p = sub.add_parser("evaluate", help="evaluate a classifier on one eval set → metrics parquet")
     p.add_argument("--params", type=_json_arg, required=True, help="the `evaluate` section as JSON")

@@ -1,7 +1,41 @@
-rule corrupt:
-    """One shard of a corrupted set: source items shard::shards at one corruption × severity."""
+rule corrupt_sources:
+    """One shard's sources decoded and resized once for all its corruption × severity jobs; temp:
+    deleted once they are all done. Its own Slurm job (not in the `shards` group)."""
     input:
         manifest=lambda w: dataset_manifest(config["corrupt"][w.cset]["dataset"]),
+    output:
+        pixels=temp("data/{cset}/sources/{shard}.npy"),
+        index=temp("data/{cset}/sources/{shard}.parquet"),
+    log:
+        "logs/corrupt/{cset}/sources/{shard}.log",
+    conda:
+        "../../environment.yml"
+    threads: config["resources"]["corrupt"]["threads"]
+    resources:
+        **resources_for("corrupt"),
+    params:
+        cfg=lambda w: as_json(config["corrupt"][w.cset]),
+        root=subpath(input.manifest, parent=True),
+        type=lambda w: dataset_type(config["corrupt"][w.cset]["dataset"]),
+        options=lambda w: as_json(dataset_options(config["corrupt"][w.cset]["dataset"])),
+        out=lambda w: dataset_root(w.cset),
+        seed=config["seed"],
+    shell:
+        "robustify corrupt-sources --name {wildcards.cset} --params {params.cfg:q}"
+        " --source-root {params.root:q} --source-type {params.type}"
+        " --source-options {params.options:q} --shard {wildcards.shard}"
+        " --out {params.out:q} --seed {params.seed} --threads {threads}"
+        " --wildcard cset={wildcards.cset} --wildcard shard={wildcards.shard}"
+        " > {log:q} 2>&1"
+
+
+rule corrupt:
+    """One shard of a corrupted set: source items shard::shards at one corruption × severity, read from
+    the shard's decoded sources."""
+    input:
+        manifest=lambda w: dataset_manifest(config["corrupt"][w.cset]["dataset"]),
+        pixels="data/{cset}/sources/{shard}.npy",
+        index="data/{cset}/sources/{shard}.parquet",
     output:
         "data/{cset}/shards/{corruption}/{severity}/{shard}.parquet",
     log:
@@ -23,7 +57,8 @@ rule corrupt:
         " --source-root {params.root:q} --source-type {params.type}"
         " --source-options {params.options:q} --corruption {wildcards.corruption}"
         " --severity {wildcards.severity} --shard {wildcards.shard} --out {params.out:q}"
-        " --seed {params.seed} --threads {threads} --wildcard cset={wildcards.cset}"
+        " --sources {input.pixels:q} --seed {params.seed} --threads {threads}"
+        " --wildcard cset={wildcards.cset}"
         " --wildcard corruption={wildcards.corruption} --wildcard severity={wildcards.severity}"
         " --wildcard shard={wildcards.shard} > {log:q} 2>&1"
 

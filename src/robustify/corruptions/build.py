@@ -12,6 +12,12 @@ byte-identical. Unreadable or odd inputs never stop a shard: CMYK/greyscale/16-b
 images are converted (`source_mode` records what they were), and truncated, zero-byte, undecodable or
 decompression-bomb-sized files become reject rows with the reason. `merge` joins the shards into the
 dataset's `manifest.parquet` + `rejects.parquet` + `dataset.json`.
+
+Decoding and resizing a source costs more than corrupting and encoding it (over half of the 5 ms per
+ImageNet image; ObjectNet's photos are far larger), and every source feeds 15 corruptions x 5 severities. So
+`build_sources` decodes a shard's sources once into `sources/<shard>.npy` (the prepared uint8 pixels,
+concatenated, memory-mapped by readers) + `.parquet` (offset, size, source mode or reject reason per
+item), and `build_shard(..., sources=)` reads them instead of decoding again: same arrays, same bytes.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ import dataclasses
 import hashlib
 import io
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,12 +37,13 @@ from tqdm import tqdm
 
 from robustify.corruptions.names import corruption_names
 from robustify.data.registry import Dataset
-from robustify.io import derive_seed, read_json, write_bytes, write_json, write_parquet
+from robustify.io import atomic_path, derive_seed, read_json, write_bytes, write_json, write_parquet
 
 MAX_PIXELS = 89_478_485  # PIL's decompression-bomb warning limit: larger files are rejected unread
 JPEG_QUALITY = 85  # ImageNet-C's (make_imagenet_c.py saves quality=85, optimize=True)
 SHARD_COLUMNS = ("path", "source", "label", "split", "corruption", "severity", "seed", "sha256", "source_mode",
                  "reject_reason")
+SOURCE_COLUMNS = ("source", "offset", "height", "width", "source_mode", "reject_reason")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -188,33 +195,135 @@ def shard_path(out_root: str | Path, corruption: str, severity: int, shard: int)
     return Path(out_root) / "shards" / corruption / str(severity) / f"{shard}.parquet"
 
 
+def sources_paths(out_root: str | Path, shard: int) -> tuple[Path, Path]:
+    """(pixels .npy, index .parquet) of a shard's decoded-source cache."""
+    base = Path(out_root) / "sources"
+    return base / f"{shard}.npy", base / f"{shard}.parquet"
+
+
+def shard_items(dataset: Dataset, spec: BuildSpec, shard: int) -> pd.DataFrame:
+    if not 0 <= shard < spec.shards:
+        raise ValueError(f"corrupt: shard {shard} outside 0..{spec.shards - 1}")
+    return source_items(dataset, spec).iloc[shard::spec.shards]
+
+
+Prepared = tuple[np.ndarray | None, str | None, str | None]  # (image, source mode, reject reason)
+
+
+def decoded(dataset: Dataset, spec: BuildSpec, items: pd.DataFrame) -> Iterator[Prepared]:
+    """Each item through `protocol_image`; a ValueError becomes its reject reason."""
+    for path in items["path"]:
+        try:
+            image, mode = protocol_image(dataset, path, spec)
+        except ValueError as e:
+            yield None, None, str(e)
+            continue
+        yield image, mode, None
+
+
+def protocol_key(dataset: Dataset, spec: BuildSpec) -> dict[str, Any]:
+    """What decides a cached source's pixels besides its path: the loader and the geometry."""
+    return {"loader": type(dataset).__name__, "resize": spec.resize, "crop": spec.crop,
+            "max_pixels": spec.max_pixels}
+
+
+def build_sources(
+    dataset: Dataset, spec: BuildSpec, shard: int, out_root: str | Path, progress: bool = True
+) -> pd.DataFrame:
+    """Decode and resize the shard's sources once for all its corruption x severity jobs: the pixels go,
+    one image at a time, into one flat uint8 .npy, then (last, so its presence means the cache is
+    complete) the index .parquet, one row per item. Returns the index."""
+    items = shard_items(dataset, spec, shard)
+    npy, index_path = sources_paths(out_root, shard)
+    index_path.unlink(missing_ok=True)  # a new .npy must never be paired with a stale index
+    rows, offset = [], 0
+    header = np.lib.format.write_array_header_1_0
+    bar = tqdm(decoded(dataset, spec, items), total=len(items), desc=f"sources [{shard}]", disable=not progress,
+               mininterval=5)
+    with atomic_path(npy) as tmp, open(tmp, "wb") as f:
+        # the header's shape is patched once the size is known; NumPy leaves room for it to grow
+        header(f, {"descr": "|u1", "fortran_order": False, "shape": (0,)})
+        start = f.tell()
+        for source, (image, mode, reason) in zip(items["source"], bar):
+            h, w = image.shape[:2] if image is not None else (0, 0)
+            rows.append({"source": source, "offset": offset, "height": h, "width": w, "source_mode": mode,
+                         "reject_reason": reason})
+            if image is not None:
+                f.write(image.data)  # C-contiguous (as_uint8): no copy
+                offset += image.size
+        f.seek(0)
+        header(f, {"descr": "|u1", "fortran_order": False, "shape": (offset,)})
+        if f.tell() != start:
+            raise RuntimeError(f"{npy}: the .npy header grew when its size was filled in")
+    index = pd.DataFrame(rows, columns=list(SOURCE_COLUMNS))
+    for col in ("offset", "height", "width"):
+        index[col] = index[col].astype("int64")
+    index.attrs["protocol"] = protocol_key(dataset, spec)
+    write_parquet(index_path, index)
+    return index
+
+
+def cached(path: str | Path, dataset: Dataset, spec: BuildSpec, items: pd.DataFrame) -> Iterator[Prepared]:
+    """The shard's prepared images from its decoded-source cache. Checked before the first image: a cache
+    made for other items or another protocol would silently give other pixels than a fresh decode."""
+    npy = Path(path)
+    index_path = npy.with_suffix(".parquet")
+    if not index_path.is_file():
+        raise ValueError(f"{npy}: decoded-source cache has no index {index_path.name} (incomplete build?)")
+    index = pd.read_parquet(index_path)
+    pixels = np.load(npy, mmap_mode="r")
+    cached_sources, sources = index["source"].tolist(), items["source"].tolist()
+    problem = None
+    if cached_sources != sources:
+        i = next((i for i, (a, b) in enumerate(zip(cached_sources, sources)) if a != b),
+                 min(len(cached_sources), len(sources)))
+        got, want = (xs[i] if i < len(xs) else "(none)" for xs in (cached_sources, sources))
+        problem = (f"{len(cached_sources)} cached items vs {len(sources)} in the shard; item {i} is {got!r}, "
+                   f"expected {want!r}")
+    elif index.attrs.get("protocol") != protocol_key(dataset, spec):
+        problem = f"built with {index.attrs.get('protocol')}, this build has {protocol_key(dataset, spec)}"
+    elif pixels.dtype != np.uint8 or pixels.shape != (3 * int((index["height"] * index["width"]).sum()),):
+        problem = f"pixel file is {pixels.dtype} {pixels.shape}, its index describes another size"
+    if problem:
+        raise ValueError(f"{npy}: decoded-source cache does not match this shard ({problem}); "
+                         "rebuild it with `robustify corrupt-sources` and the same params")
+
+    def images() -> Iterator[Prepared]:
+        for row in index.itertuples(index=False):
+            if isinstance(row.reject_reason, str):
+                yield None, None, row.reject_reason
+                continue
+            flat = pixels[row.offset:row.offset + row.height * row.width * 3]
+            yield np.array(flat).reshape(row.height, row.width, 3), row.source_mode, None  # a writable copy
+
+    return images()
+
+
 def build_shard(
     dataset: Dataset, spec: BuildSpec, corruption: str, severity: int, shard: int, out_root: str | Path,
-    progress: bool = True,
+    progress: bool = True, sources: str | Path | None = None,
 ) -> pd.DataFrame:
     """Corrupt items `shard::spec.shards` at (corruption, severity); write the images and, last, the
-    shard manifest (one row per item: output or reject reason). Returns that manifest."""
+    shard manifest (one row per item: output or reject reason). Returns that manifest. `sources` (a
+    `build_sources` .npy) supplies the prepared images instead of decoding each source again."""
     from robustify.corruptions.engine import corrupt  # the engine pulls in numba/OpenCV: only when building
 
     if corruption not in spec.corruptions or severity not in spec.severities:
         raise ValueError(f"corrupt: {corruption}/{severity} is not part of this build "
                          f"(corruptions {list(spec.corruptions)}, severities {list(spec.severities)})")
-    if not 0 <= shard < spec.shards:
-        raise ValueError(f"corrupt: shard {shard} outside 0..{spec.shards - 1}")
     out_root = Path(out_root)
-    items = source_items(dataset, spec).iloc[shard::spec.shards]
+    items = shard_items(dataset, spec, shard)
+    images = decoded(dataset, spec, items) if sources is None else cached(sources, dataset, spec, items)
     rows = []
-    bar = tqdm(items.itertuples(index=False), total=len(items), desc=f"{corruption}/{severity} [{shard}]",
-               disable=not progress, mininterval=5)
-    for row in bar:
+    bar = tqdm(zip(items.itertuples(index=False), images), total=len(items),
+               desc=f"{corruption}/{severity} [{shard}]", disable=not progress, mininterval=5)
+    for row, (image, mode, reason) in bar:
         seed = image_seed(spec, row.source, corruption, severity)
         rel = f"{corruption}/{severity}/{row.out_name}.jpg"
         base = {"source": row.source, "label": int(row.label), "split": row.split, "corruption": corruption,
                 "severity": severity, "seed": seed}
-        try:
-            image, mode = protocol_image(dataset, row.path, spec)
-        except ValueError as e:
-            rows.append({**base, "path": None, "sha256": None, "source_mode": None, "reject_reason": str(e)})
+        if image is None:
+            rows.append({**base, "path": None, "sha256": None, "source_mode": None, "reject_reason": reason})
             continue
         data = encode_jpeg(corrupt(image, corruption, severity, seed, engine=spec.engine), spec.quality)
         write_bytes(out_root / rel, data)
