@@ -268,7 +268,7 @@ def cmd_finetune(a: argparse.Namespace) -> None:
 
     from robustify.data.loading import load_uint8_stack
     from robustify.data.registry import get_dataset
-    from robustify.io import params_hash, write_json
+    from robustify.io import params_hash, sha256_file, write_json
     from robustify.methods.finetune import ImageData, config_from, finetune, make_method, tuned_and_reference
     from robustify.models.clip import tokenizer
     from robustify.models.zeroshot import load_classifier, save_classifier
@@ -278,7 +278,9 @@ def cmd_finetune(a: argparse.Namespace) -> None:
     method = make_method(a.method, a.method_params)
     _setup_torch(a.threads)
     params = {"recipe": a.params, "method": a.method, "method_params": method.params, "seed": a.seed,
-              "data": {"root": str(a.dataset_root), "domain": a.domain, "train": a.train_split, "val": a.val_split}}
+              "data": {"root": str(a.dataset_root), "domain": a.domain, "train": a.train_split, "val": a.val_split},
+              # the start point's identity: a resume state left by a run from another zero-shot model is not continued
+              "zeroshot": sha256_file(Path(a.zeroshot) / "head.safetensors")}
     with job_run("finetune", params, a.experiment, _wildcards(a.wildcard)) as run:
         zs, base, clip = load_classifier(a.zeroshot, with_clip=True)
         dataset = get_dataset(a.dataset_type, a.dataset_root, a.dataset_options)
