@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from robustify.io import atomic_path
-from robustify.methods.schedules import warmup_cosine
+from robustify.methods.schedules import batch_indices, step_generator, warmup_cosine
 from robustify.models.zeroshot import ImageClassifier
 
 log = logging.getLogger(__name__)
@@ -77,22 +77,6 @@ class FineTuneConfig:
 
 
 # ------------------------------------------------------------------------------------------ data
-def step_generator(seed: int, *words: int) -> torch.Generator:
-    g = torch.Generator()
-    g.manual_seed(int(np.random.SeedSequence([seed % (1 << 63), *words]).generate_state(1, dtype=np.uint64)[0] >> 1))
-    return g
-
-
-def batch_indices(seed: int, step: int, n: int, batch_size: int) -> torch.Tensor:
-    """Epoch-wise shuffling without replacement, as a function of the step alone."""
-    per_epoch = n // batch_size
-    if per_epoch == 0:
-        raise ValueError(f"batch_size {batch_size} exceeds the {n} training images")
-    epoch, k = divmod(step, per_epoch)
-    perm = torch.randperm(n, generator=step_generator(seed, 1, epoch))
-    return perm[k * batch_size:(k + 1) * batch_size]
-
-
 def augment_batch(images: torch.Tensor, kind: str, max_px: int, gen: torch.Generator, first: int = 0,
                   total: int | None = None) -> torch.Tensor:
     """Cheap label-preserving augmentation of a float batch: random translation (reflect-padded) and,

@@ -21,7 +21,7 @@ from torch import nn
 
 from robustify.config import PretrainConfig
 from robustify.io import atomic_path
-from robustify.methods.schedules import warmup_cosine
+from robustify.methods.schedules import batch_indices, step_generator, warmup_cosine
 
 MetricsFn = Callable[[dict[str, float], int], None]
 
@@ -39,22 +39,6 @@ def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
             continue
         (no_decay if p.ndim < 2 or "logit_scale" in name or name.endswith(".bias") else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def _step_generator(seed: int, *words: int) -> torch.Generator:
-    g = torch.Generator()
-    g.manual_seed(int(np.random.SeedSequence([seed, *words]).generate_state(1, dtype=np.uint64)[0] >> 1))
-    return g
-
-
-def batch_indices(seed: int, step: int, n: int, batch_size: int) -> torch.Tensor:
-    """Epoch-wise shuffling without replacement, as a function of the step alone."""
-    per_epoch = n // batch_size
-    if per_epoch == 0:
-        raise ValueError(f"batch_size {batch_size} exceeds the {n} training pairs")
-    epoch, k = divmod(step, per_epoch)
-    perm = torch.randperm(n, generator=_step_generator(seed, 1, epoch))
-    return perm[k * batch_size : (k + 1) * batch_size]
 
 
 def random_shift(images: torch.Tensor, max_px: int, gen: torch.Generator) -> torch.Tensor:
@@ -106,7 +90,7 @@ def pretrain(
         for group in opt.param_groups:
             group["lr"] = lr
         idx = batch_indices(seed, step, n, cfg.batch_size)
-        imgs = random_shift(data.images[idx].float().div_(255), cfg.shift_px, _step_generator(seed, 2, step))
+        imgs = random_shift(data.images[idx].float().div_(255), cfg.shift_px, step_generator(seed, 2, step))
         imgs = (imgs.to(device) - mean_t) / std_t
         out = model(imgs, data.tokens[idx].to(device))
         img_f, txt_f, scale = (out["image_features"], out["text_features"], out["logit_scale"]) if isinstance(out, dict) else out[:3]
