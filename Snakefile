@@ -13,6 +13,8 @@ include: "workflow/rules/corrupt.smk"
 include: "workflow/rules/perturb.smk"
 include: "workflow/rules/pretrain.smk"
 include: "workflow/rules/zeroshot.smk"
+include: "workflow/rules/finetune.smk"
+include: "workflow/rules/posthoc.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/report.smk"
 

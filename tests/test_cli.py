@@ -96,3 +96,69 @@ def test_finetune_stage_trains_saves_and_evaluates(world, tiny_world_cfg):
     rows = pd.read_parquet("ft.parquet")
     assert set(rows["method"]) == {"lipsum-ft"} and set(rows["seed"]) == {1}
     assert rows["n"].eq(tiny_world_cfg.test_per_domain).all()
+
+
+def test_posthoc_chain_wise_sweep_tpgm_soups_and_energy_gaps(world, tiny_world_cfg):
+    """finetune (2 seeds) → evaluate-tuned with a WiSE sweep and energy gaps → TPGM → soups → evaluate-tuned
+    on the soup and the greedy ensemble: the sweep's ends reproduce the endpoints' rows, θ0 has gap 0,
+    TPGM stays inside the fine-tuned ball, the uniform soup is the mean of its members."""
+    import torch
+
+    from robustify.io import load_safetensors
+
+    _chain(world, "a")
+    common = ["--device", "cpu", "--threads", "1", "--experiment", "t"]
+    recipe = {"steps": 4, "batch_size": 8, "lr": 1e-3, "eval_every": 2}
+    data = ["--dataset-root", world, "--dataset-type", "miniworld", "--domain", "photo"]
+    for seed in (0, 1):
+        main(["finetune", "--params", json.dumps(recipe), "--method", "ft", "--model-name", "tinyclip",
+              "--run-name", "myft", "--zeroshot", "a/zs", *data, "--train-dataset", "miniworld", "--out", f"ft{seed}",
+              "--seed", str(seed), *common])
+    sets = {name: {"eval_set": {"dataset": "miniworld", "split": "test", "domain": dom, "shift_type": kind},
+                   "root": world, "type": "miniworld"}
+            for name, dom, kind in (("mw-photo", "photo", "reference"), ("mw-sketch", "sketch", "domain"))}
+    ev = ["--params", json.dumps({"batch_size": 7, "ece_bins": 15, "workers": 0}), "--sets", json.dumps(sets),
+          "--energy-gap", json.dumps({"texts": 50, "length": 4, "vocab": "full", "seed": 0})]
+    main(["evaluate-tuned", *ev, "--classifier", "ft0", "--zeroshot", "a/zs", "--wise-alphas", "[0, 0.5, 1]",
+          "--out-dir", "m/ft0", "--wise-out-dir", "m/wise0", *common])
+    ft = pd.read_parquet("m/ft0/mw-sketch.parquet").set_index("metric")["value"]
+    w0 = pd.read_parquet("m/wise0/a0/mw-sketch.parquet")
+    w1 = pd.read_parquet("m/wise0/a1/mw-sketch.parquet").set_index("metric")["value"]
+    half = pd.read_parquet("m/wise0/a0.5/mw-sketch.parquet").set_index("metric")["value"]
+    assert set(w0["model_id"]) == {"wise/tinyclip/myft/s0/a0"} and set(w0["method"]) == {"wise"}
+    assert json.loads(w0["method_params"].iloc[0]) == {"alpha": 0.0, "base": "myft"}
+    zs = pd.read_parquet("a/m.parquet").set_index("metric")["value"]  # zero-shot on sketch, per-set job
+    w0 = w0.set_index("metric")["value"]
+    for metric in ("accuracy", "ece", "nll"):
+        assert w0[metric] == pytest.approx(zs[metric], abs=1e-6)
+        assert w1[metric] == ft[metric]
+    assert w0["energy_gap"] == 0.0 and ft["energy_gap"] > 0 and 0 < half["energy_gap"] < ft["energy_gap"]
+
+    main(["posthoc", "--kind", "tpgm", "--params", json.dumps({"steps": 5, "batch_size": 16}), "--finetuned", "ft0",
+          "--zeroshot", "a/zs", "--dataset-root", world, "--dataset-type", "miniworld", "--domain", "photo",
+          "--out", "tp", "--seed", "0", *common])
+    info = json.loads(open("tp/classifier.json").read())
+    assert info["model_id"] == "tpgm/tinyclip/myft/s0" and info["method_params"]["base"] == "myft"
+    theta0 = load_safetensors("a/pre/model.safetensors")
+    tuned, projected = load_safetensors("ft0/encoder.safetensors"), load_safetensors("tp/encoder.safetensors")
+    for name, value in projected.items():
+        if value.is_floating_point() and "running" not in name and "num_batches" not in name:
+            start = theta0[f"visual.{name}"]
+            assert (value - start).norm() <= (tuned[name] - start).norm() * (1 + 1e-5) + 1e-7, name
+
+    outs = {"uniform-soup": "soup", "greedy-ensemble": "ens"}
+    main(["soups", "--members", "ft0", "ft1", "--out-dirs", json.dumps(outs), "--dataset-root", world,
+          "--dataset-type", "miniworld", "--domain", "photo", *common])
+    soup = load_safetensors("soup/encoder.safetensors")
+    members = [load_safetensors(f"ft{s}/encoder.safetensors") for s in (0, 1)]
+    name = next(k for k, v in soup.items() if v.is_floating_point() and v.ndim > 1)
+    torch.testing.assert_close(soup[name], (members[0][name] + members[1][name]) / 2)
+    ens = json.loads(open("ens/classifier.json").read())
+    assert ens["head_type"] == "ensemble" and set(ens["members"]) <= {"ft0", "ft1"}
+    assert ens["model_id"] == "greedy-ensemble/tinyclip/myft"
+    main(["evaluate-tuned", *ev, "--classifier", "ens", "--out-dir", "m/ens", *common])
+    rows = pd.read_parquet("m/ens/mw-photo.parquet")
+    assert "energy_gap" not in set(rows["metric"])  # an output ensemble has no single image tower
+    if ens["members"] == ["ft0"]:  # one member: the ensemble is that model
+        ref = pd.read_parquet("m/ft0/mw-photo.parquet").set_index("metric")["value"]
+        assert rows.set_index("metric")["value"]["accuracy"] == ref["accuracy"]

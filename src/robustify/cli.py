@@ -65,6 +65,36 @@ def _stage_args(p: argparse.ArgumentParser) -> None:
 
 
 # ------------------------------------------------------------------ stages
+
+def _train_split(dataset: Any, name: str, domain: str | None, clip: Any, arch: str) -> Any:
+    """A training/validation split as the loop's data source, at the CLIP's input size and normalisation."""
+    import open_clip
+    import torch
+
+    from robustify.data.loading import load_uint8_stack
+    from robustify.methods.finetune import ImageData
+
+    frame = dataset.select(name, domain)  # raises naming the manifest when empty
+    pp = open_clip.get_model_preprocess_cfg(clip)
+    size = pp["size"] if isinstance(pp["size"], int) else pp["size"][-1]
+    images = load_uint8_stack(frame["path"].tolist())
+    if images.shape[-1] != size or images.shape[-2] != size:
+        raise SystemExit(f"{dataset.manifest_path}: '{name}' images are {images.shape[-1]}x{images.shape[-2]} px "
+                         f"but {arch} expects {size}")
+    return ImageData(images, torch.tensor(frame["label"].to_numpy(dtype="int64")), tuple(pp["mean"]), tuple(pp["std"]))
+
+
+def _result_context(info: dict[str, Any], run_id: str | None) -> dict[str, Any]:
+    """The results-schema columns a classifier directory's classifier.json determines."""
+    return {"model_id": info["model_id"], "model_family": info["family"], "arch": info["arch"],
+            "method": info["method"], "method_params": info.get("method_params", {}), "seed": info.get("seed"),
+            "train_dataset": info.get("train_dataset"), "run_id": run_id}
+
+
+def _alpha_name(alpha: float) -> str:
+    """`a0.25`: the path segment and model-id suffix of a WiSE-FT α (the rules format it the same way)."""
+    return f"a{alpha:g}"
+
 def cmd_prepare(a: argparse.Namespace) -> None:
     from robustify.data.prepare import prepare
     from robustify.tracking import job_run
@@ -263,10 +293,6 @@ def cmd_zeroshot(a: argparse.Namespace) -> None:
 def cmd_finetune(a: argparse.Namespace) -> None:
     import statistics
 
-    import open_clip
-    import torch
-
-    from robustify.data.loading import load_uint8_stack
     from robustify.data.registry import get_dataset
     from robustify.io import params_hash, sha256_file, write_json
     from robustify.methods.finetune import ImageData, config_from, finetune, make_method, tuned_and_reference
@@ -284,18 +310,9 @@ def cmd_finetune(a: argparse.Namespace) -> None:
     with job_run("finetune", params, a.experiment, _wildcards(a.wildcard)) as run:
         zs, base, clip = load_classifier(a.zeroshot, with_clip=True)
         dataset = get_dataset(a.dataset_type, a.dataset_root, a.dataset_options)
-        pp = open_clip.get_model_preprocess_cfg(clip)
-        size = pp["size"] if isinstance(pp["size"], int) else pp["size"][-1]
 
         def split(name: str) -> ImageData:
-            frame = dataset.select(name, a.domain)
-            if frame.empty:
-                raise SystemExit(f"{dataset.manifest_path}: no '{name}' items" + (f" in domain '{a.domain}'" if a.domain else ""))
-            images = load_uint8_stack(frame["path"].tolist())
-            if images.shape[-1] != size or images.shape[-2] != size:
-                raise SystemExit(f"{dataset.manifest_path}: '{name}' images are {images.shape[-1]}x{images.shape[-2]} px "
-                                 f"but {base['arch']} expects {size}")
-            return ImageData(images, torch.tensor(frame["label"].to_numpy(dtype="int64")), tuple(pp["mean"]), tuple(pp["std"]))
+            return _train_split(dataset, name, a.domain, clip, base["arch"])
 
         train, val = split(a.train_split), split(a.val_split)
         model, reference, text = tuned_and_reference(clip, zs.head)
@@ -305,8 +322,9 @@ def cmd_finetune(a: argparse.Namespace) -> None:
         out = Path(a.out)
         result = finetune(model, reference, method, train, val, cfg, a.seed, text=text, resume_path=out / "resume.pt",
                           fingerprint=params_hash(params), log_metrics=run.log_metrics, device=resolve_device(a.device))
-        model_id = f"ft/{a.model_name}/{a.method}/s{a.seed}"
-        info = {"model_id": model_id, "method": a.method, "method_params": method.params, "seed": a.seed,
+        run_name = a.run_name or a.method
+        model_id = f"ft/{a.model_name}/{run_name}/s{a.seed}"
+        info = {"model_id": model_id, "method": a.method, "run": run_name, "method_params": method.params, "seed": a.seed,
                 "train_dataset": a.train_dataset, "zeroshot": str(a.zeroshot), "best_step": result.best_step,
                 "best_val_accuracy": result.best_val_accuracy}
         write_json(out / "history.json", {"history": result.history,
@@ -333,17 +351,152 @@ def cmd_evaluate(a: argparse.Namespace) -> None:
     with job_run("evaluate", params, a.experiment, _wildcards(a.wildcard)) as run:
         classifier, info = load_classifier(a.classifier)
         dataset = get_dataset(a.dataset_type, a.dataset_root, a.dataset_options)
-        context = {
-            "model_id": info["model_id"], "model_family": info["family"], "arch": info["arch"],
-            "method": info["method"], "method_params": info.get("method_params", {}), "seed": info.get("seed"),
-            "train_dataset": info.get("train_dataset"), "run_id": run.run_id,
-        }
-        rows = evaluate(classifier, dataset, a.eval_name, spec, cfg, context, resolve_device(a.device))
+        rows = evaluate(classifier, dataset, a.eval_name, spec, cfg, _result_context(info, run.run_id),
+                        resolve_device(a.device))
         write_parquet(a.out, rows)
         metrics = dict(zip(rows["metric"], rows["value"]))
         log.info("%s on %s: %s", info["model_id"], a.eval_name, metrics)
         run.log_metrics(metrics)
         run.set_tags({"model_id": info["model_id"], "eval_dataset": a.eval_name})
+
+
+def cmd_evaluate_tuned(a: argparse.Namespace) -> None:
+    """A trained classifier (and its WiSE-FT α sweep) on every eval set, one pass over each set."""
+    from robustify.config import EvalSetSpec, EvaluateConfig, section
+    from robustify.data.registry import get_dataset
+    from robustify.eval.energy import random_text_embeddings, text_moment
+    from robustify.eval.evaluate import EnergyGap, Entry, evaluate_models
+    from robustify.io import write_parquet
+    from robustify.methods.posthoc.apply import wise_classifier
+    from robustify.models.clip import tokenizer
+    from robustify.models.zeroshot import load_classifier
+    from robustify.tracking import job_run
+
+    cfg = section(EvaluateConfig, a.params, "evaluate")
+    sets = {name: section(EvalSetSpec, s["eval_set"], f"eval_sets.{name}") for name, s in a.sets.items()}
+    alphas = [float(x) for x in a.wise_alphas]
+    if alphas and not a.zeroshot:
+        raise SystemExit("--wise-alphas needs --zeroshot (the α=0 end of the interpolation)")
+    _setup_torch(a.threads)
+    device = resolve_device(a.device)
+    params = {"evaluate": a.params, "sets": a.sets, "classifier": str(a.classifier), "energy_gap": a.energy_gap,
+              "wise_alphas": alphas}
+    with job_run("evaluate", params, a.experiment, _wildcards(a.wildcard)) as run:
+        classifier, info, clip = load_classifier(a.classifier, with_clip=True)
+        entries = [Entry(classifier, _result_context(info, run.run_id))]
+        outputs = [Path(a.out_dir)]
+        if alphas:
+            zeroshot, zs_info = load_classifier(a.zeroshot)
+            for alpha in alphas:
+                module = zeroshot if alpha == 0 else classifier if alpha == 1 else wise_classifier(zeroshot, classifier, alpha)
+                ctx = {**_result_context(info, run.run_id), "model_id": f"wise/{info['model_id'].split('/', 1)[1]}/{_alpha_name(alpha)}",
+                       "method": "wise", "method_params": {"base": info.get("run", info["method"]), "alpha": alpha}}
+                entries.append(Entry(module, ctx))
+                outputs.append(Path(a.wise_out_dir) / _alpha_name(alpha))
+        gap = None
+        if a.energy_gap:
+            g = a.energy_gap
+            corpus = None
+            if g["vocab"] == "seen":
+                if not a.corpus_root or not a.corpus_split:
+                    raise SystemExit("energy gap with vocab 'seen' needs --corpus-root and --corpus-split (captions)")
+                corpus = get_dataset(a.corpus_type, a.corpus_root, {}).select(a.corpus_split)["caption"].dropna().tolist()
+            texts = random_text_embeddings(clip.to(device), tokenizer(info["arch"]), g["texts"], g["length"], g["vocab"],
+                                           corpus, g["seed"])
+            gap = EnergyGap(clip.visual, float(clip.logit_scale.detach().exp()), text_moment(texts))
+        for name, spec in sets.items():
+            s = a.sets[name]
+            dataset = get_dataset(s["type"], s["root"], s.get("options", {}))
+            rows = evaluate_models(entries, dataset, name, spec, cfg, device, gap)
+            for entry, out in zip(entries, outputs, strict=True):
+                part = rows[rows["model_id"] == entry.context["model_id"]]
+                write_parquet(out / f"{name}.parquet", part.reset_index(drop=True))
+            mine = rows[(rows["model_id"] == info["model_id"]) & rows["corruption"].isna()]
+            metrics = dict(zip(mine["metric"], mine["value"]))
+            log.info("%s on %s: %s", info["model_id"], name, metrics)
+            run.log_metrics({f"{name}/{k}": v for k, v in metrics.items()})
+        run.set_tags({"model_id": info["model_id"]})
+
+
+def _posthoc_inputs(a: argparse.Namespace, clf_dir: str) -> tuple[Any, dict[str, Any], Any, Any]:
+    """(classifier, its classifier.json, its CLIP, validation split) of a post-hoc job's input."""
+    from robustify.data.registry import get_dataset
+    from robustify.models.zeroshot import load_classifier
+
+    clf, info, clip = load_classifier(clf_dir, with_clip=True)
+    dataset = get_dataset(a.dataset_type, a.dataset_root, a.dataset_options)
+    return clf, info, clip, _train_split(dataset, a.val_split, a.domain, clip, info["arch"])
+
+
+def cmd_posthoc(a: argparse.Namespace) -> None:
+    """TPGM / TPGM-C: the projection radii of one fine-tuned run learned on the validation split."""
+    from robustify.io import write_json
+    from robustify.methods.posthoc.apply import tpgm_classifier
+    from robustify.models.zeroshot import load_classifier, save_classifier
+    from robustify.tracking import job_run
+
+    allowed = {"norm", "reg", "steps", "lr", "batch_size"}
+    unknown = sorted(set(a.params) - allowed)
+    if unknown:
+        raise SystemExit(f"posthoc.{a.kind}.params: unknown key(s) {unknown} (allowed: {sorted(allowed)})")
+    if a.kind == "tpgm-c" and not a.params.get("reg", 0) > 0:
+        raise SystemExit("posthoc.tpgm-c.params.reg must be > 0 (reg 0 is plain TPGM)")
+    if a.kind == "tpgm" and a.params.get("reg", 0) != 0:
+        raise SystemExit("posthoc.tpgm.params.reg must be 0 (use tpgm-c for the regularised variant)")
+    _setup_torch(a.threads)
+    params = {"kind": a.kind, "params": a.params, "finetuned": a.finetuned, "zeroshot": a.zeroshot, "seed": a.seed,
+              "val": {"root": a.dataset_root, "split": a.val_split, "domain": a.domain}}
+    with job_run("posthoc", params, a.experiment, _wildcards(a.wildcard)) as run:
+        finetuned, info, _clip, val = _posthoc_inputs(a, a.finetuned)
+        zeroshot, _ = load_classifier(a.zeroshot)
+        projected, record = tpgm_classifier(zeroshot, finetuned, val, seed=a.seed, device=resolve_device(a.device),
+                                            **a.params)
+        model_id = f"{a.kind}/{info['model_id'].split('/', 1)[1]}"
+        out = Path(a.out)
+        write_json(out / "posthoc.json", record)
+        save_classifier(out, projected, info, {
+            "model_id": model_id, "method": a.kind, "seed": info.get("seed"), "train_dataset": info.get("train_dataset"),
+            "method_params": {"base": info.get("run", info["method"]), **a.params}, "finetuned": str(a.finetuned)})
+        run.log_metrics({"mean_ratio": record["mean_ratio"], "final_val_loss": record["final_loss"],
+                         "val_accuracy_projected": record["val_accuracy"]["projected"]})
+        log.info("%s: mean ratio %.3f, val accuracy %.4f -> %.4f", model_id, record["mean_ratio"],
+                 record["val_accuracy"]["finetuned"], record["val_accuracy"]["projected"])
+
+
+def cmd_soups(a: argparse.Namespace) -> None:
+    """Uniform soup, greedy soup and greedy ensemble of one recipe's runs (chosen on the validation split)."""
+    from robustify.io import write_json
+    from robustify.methods.posthoc.apply import soups
+    from robustify.models.zeroshot import load_classifier, save_classifier, save_ensemble
+    from robustify.tracking import job_run
+
+    if len(a.members) < 2:
+        raise SystemExit(f"a soup needs at least 2 fine-tuned runs, got {len(a.members)}: {a.members}")
+    _setup_torch(a.threads)
+    params = {"kinds": sorted(a.out_dirs), "members": a.members, "val": {"root": a.dataset_root, "split": a.val_split,
+                                                                          "domain": a.domain}}
+    with job_run("posthoc", params, a.experiment, _wildcards(a.wildcard)) as run:
+        first, base, _clip, val = _posthoc_inputs(a, a.members[0])
+        members, ids = [first], [base["model_id"]]
+        for d in a.members[1:]:
+            clf, info = load_classifier(d)
+            members.append(clf)
+            ids.append(info["model_id"])
+        made = soups(members, val, list(a.out_dirs), device=resolve_device(a.device))
+        backbone_run = "/".join(base["model_id"].split("/")[1:3])  # <model>/<run>
+        for kind, (model, record) in made.items():
+            out = Path(a.out_dirs[kind])
+            chosen = [ids[i] for i in record["members"]]
+            info = {"model_id": f"{kind}/{backbone_run}", "method": kind, "seed": None,
+                    "train_dataset": base.get("train_dataset"),
+                    "method_params": {"base": base.get("run", base["method"]), "members": chosen}}
+            write_json(out / "posthoc.json", {**record, "member_ids": ids})
+            if kind == "greedy-ensemble":
+                save_ensemble(out, [a.members[i] for i in record["members"]], info)
+            else:
+                save_classifier(out, model, base, info)
+            log.info("%s: %d of %d runs (%s)", info["model_id"], len(chosen), len(ids), ", ".join(chosen))
+        run.log_metrics({f"{k}_members": len(r["members"]) for k, (_, r) in made.items()})
 
 
 def cmd_report(a: argparse.Namespace) -> None:
@@ -358,7 +511,8 @@ def cmd_report(a: argparse.Namespace) -> None:
     out = Path(a.out_dir)
     er = a.effective_robustness or {}
     params = {"inputs": len(a.inputs), "clean_sets": a.clean_sets, "effective_robustness": er,
-              "flip_rate_baseline": a.flip_rate_baseline}
+              "flip_rate_baseline": a.flip_rate_baseline, "finetune_report": a.finetune_report,
+              "wise_alpha": a.wise_alpha, "claim_tolerance": a.claim_tolerance}
     with job_run("report", params, a.experiment, _wildcards(a.wildcard)) as run:
         df = aggregate(a.inputs)
         derived = [corruption_rows(df, a.clean_sets), flip_rate_rows(df, a.flip_rate_baseline)]
@@ -369,8 +523,13 @@ def cmd_report(a: argparse.Namespace) -> None:
         write_text(out / "tables" / "zeroshot.md", zeroshot_markdown(df))
         write_text(out / "tables" / "robustness.md", robustness_markdown(df))
         write_json(out / "summary.json", summary(df))
-        for name in ("tables/zeroshot.md", "tables/robustness.md", "summary.json"):
-            run.log_artifact(out / name, str(Path("report") / Path(name).parent))
+        written = [out / name for name in ("tables/zeroshot.md", "tables/robustness.md", "summary.json")]
+        if a.finetune_report:
+            from robustify.report.finetune import write_finetune_report
+
+            written += write_finetune_report(df, out, a.wise_alpha, tolerance=a.claim_tolerance).values()
+        for path in written:
+            run.log_artifact(path, str(Path("report") / path.relative_to(out).parent))
         log.info("results tables: %s, %s", out / "tables" / "zeroshot.md", out / "tables" / "robustness.md")
 
 
@@ -465,6 +624,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", required=True, help="registered method: ft, lp, lp-ft, ema, l2sp, kd, car-ft, ...")
     p.add_argument("--method-params", type=_json_arg, default={}, help="the method's parameters as JSON")
     p.add_argument("--model-name", required=True, help="the `models:` key (part of the model id)")
+    p.add_argument("--run-name", default=None, help="the finetune.runs key (model id ft/<model>/<run>/s<seed>); "
+                   "default: the method")
     p.add_argument("--zeroshot", required=True, help="the zero-shot classifier directory to start from")
     p.add_argument("--dataset-root", required=True)
     p.add_argument("--dataset-type", required=True)
@@ -490,6 +651,43 @@ def build_parser() -> argparse.ArgumentParser:
     _stage_args(p)
     p.set_defaults(func=cmd_evaluate)
 
+    p = sub.add_parser("evaluate-tuned", help="a trained classifier (+ its WiSE-FT α sweep and energy gaps) on "
+                       "every eval set → one metrics parquet per model and set")
+    p.add_argument("--params", type=_json_arg, required=True, help="the `evaluate` section as JSON")
+    p.add_argument("--classifier", required=True, help="classifier directory (classifier.json)")
+    p.add_argument("--sets", type=_json_arg, required=True,
+                   help='JSON {eval set: {"eval_set": eval_sets.<name>, "root": dir, "type": class, "options": {}}}')
+    p.add_argument("--out-dir", required=True, help="<out-dir>/<eval set>.parquet for the classifier")
+    p.add_argument("--energy-gap", type=_json_arg, default=None, help="finetune.energy_gap as JSON (null: none)")
+    p.add_argument("--corpus-root", default=None, help="dataset whose captions form the `seen` token pool")
+    p.add_argument("--corpus-type", default="miniworld")
+    p.add_argument("--corpus-split", default=None)
+    p.add_argument("--zeroshot", default=None, help="the zero-shot classifier directory (WiSE-FT's α=0 end)")
+    p.add_argument("--wise-alphas", type=_json_arg, default=[], help="JSON list of WiSE-FT α to evaluate")
+    p.add_argument("--wise-out-dir", default=None, help="<wise-out-dir>/a<α>/<eval set>.parquet")
+    _stage_args(p)
+    p.set_defaults(func=cmd_evaluate_tuned)
+
+    for name, func, what in (("posthoc", cmd_posthoc, "TPGM / TPGM-C of one fine-tuned run"),
+                             ("soups", cmd_soups, "uniform soup, greedy soup, greedy ensemble of runs")):
+        p = sub.add_parser(name, help=f"{what} (fitted on the validation split)")
+        p.add_argument("--dataset-root", required=True)
+        p.add_argument("--dataset-type", required=True)
+        p.add_argument("--dataset-options", type=_json_arg, default={})
+        p.add_argument("--domain", default=None)
+        p.add_argument("--val-split", default="val", help="held-out split (never a test split)")
+        _stage_args(p)
+        p.set_defaults(func=func)
+        if name == "posthoc":
+            p.add_argument("--kind", required=True, choices=["tpgm", "tpgm-c"])
+            p.add_argument("--params", type=_json_arg, default={}, help="posthoc.<kind>.params as JSON")
+            p.add_argument("--finetuned", required=True, help="the fine-tuned classifier directory")
+            p.add_argument("--zeroshot", required=True, help="its zero-shot start (θ0)")
+            p.add_argument("--out", required=True, help="the projected classifier's directory")
+        else:
+            p.add_argument("--members", nargs="+", required=True, help="fine-tuned classifier directories")
+            p.add_argument("--out-dirs", type=_json_arg, required=True, help="JSON {soup kind: output directory}")
+
     p = sub.add_parser("report", help="aggregate metric parquets into tables and a summary")
     p.add_argument("--inputs", nargs="+", required=True)
     p.add_argument("--out-dir", default="results")
@@ -498,6 +696,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--effective-robustness", type=_json_arg, default={},
                    help='JSON {"reference": eval set, "baselines": [model ids]} (the `report` section\'s entry)')
     p.add_argument("--flip-rate-baseline", default=None, help="model id whose flip probabilities normalise FR/mFR")
+    p.add_argument("--finetune-report", action="store_true", help="also the fine-tuning tables, plots and claims.md")
+    p.add_argument("--wise-alpha", type=float, default=0.5, help="the WiSE-FT α shown in the fine-tuning tables")
+    p.add_argument("--claim-tolerance", type=float, default=2.0, help='accuracy points of "similar reference accuracy"')
     _stage_args(p)
     p.set_defaults(func=cmd_report)
 

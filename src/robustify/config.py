@@ -140,6 +140,41 @@ def _cross_reference_problems(p: Mapping[str, Any]) -> list[str]:
     for name in [] if sets == "all" else sets:
         if name not in p["eval_sets"]:
             out.append(f"evaluate.sets: '{name}' is not defined under eval_sets")
+    return out + _finetune_problems(p, known)
+
+
+def _finetune_problems(p: Mapping[str, Any], known: set[str]) -> list[str]:
+    """finetune/posthoc references: the start model, label space, sets, and the runs post-hoc methods use."""
+    ft, post = p["finetune"], p["posthoc"]
+    runs = ft["runs"]
+    if ft["model"] is None or not runs:
+        return []
+    out = []
+    if ft["model"] not in p["zeroshot"]["models"]:
+        out.append(f"finetune.model: '{ft['model']}' has no zero-shot classifier (zeroshot.models: {p['zeroshot']['models']})")
+    if ft["dataset"] != p["zeroshot"]["dataset"]:
+        out.append(f"finetune.dataset: '{ft['dataset']}' differs from zeroshot.dataset '{p['zeroshot']['dataset']}' "
+                   "(the zero-shot head's label space is the one fine-tuned)")
+    if ft["dataset"] not in known:
+        out.append(f"finetune.dataset: '{ft['dataset']}' is neither miniworld nor a key of datasets ({sorted(known)})")
+    for name in [] if ft["eval_sets"] == "all" else ft["eval_sets"]:
+        if name not in p["eval_sets"]:
+            out.append(f"finetune.eval_sets: '{name}' is not defined under eval_sets")
+    seeds = {run: spec.get("seeds", [0]) for run, spec in runs.items()}
+    for kind in ("tpgm", "tpgm-c"):
+        for run in post[kind]["runs"]:
+            if run not in runs:
+                out.append(f"posthoc.{kind}.runs: '{run}' is not a key of finetune.runs ({sorted(runs)})")
+            else:
+                missing = sorted(set(post[kind]["seeds"]) - set(seeds[run]))
+                if missing:
+                    out.append(f"posthoc.{kind}.seeds: {missing} are not seeds of finetune.runs.{run} ({seeds[run]})")
+    for run in post["soups"]["runs"] if post["soups"]["kinds"] else []:
+        if run not in runs:
+            out.append(f"posthoc.soups.runs: '{run}' is not a key of finetune.runs ({sorted(runs)})")
+        elif len(seeds[run]) < 2:
+            out.append(f"posthoc.soups.runs: '{run}' has {len(seeds[run])} seed; a soup needs at least 2 "
+                       f"(finetune.runs.{run}.seeds)")
     return out
 
 

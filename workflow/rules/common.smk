@@ -44,7 +44,10 @@ wildcard_constraints:
     corruption=r"[a-z_]+",
     severity=r"[1-5]",
     shard=r"\d+",
-    clf=r"[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)*",
+    clf=r"zeroshot/[A-Za-z0-9][A-Za-z0-9_.-]*",  # per-set evaluation; trained models: evaluate_tuned
+    run="|".join(re.escape(k) for k in config["finetune"]["runs"]) or r"(?!)",
+    seed=r"\d+",
+    alpha=r"[0-9.]+",
 
 
 onstart:
@@ -171,9 +174,105 @@ def perturb_shards(pset):
     ]
 
 
+# ---------------------------------------------------------------- fine-tuning and post-hoc
+FT = config["finetune"]
+FT_MODEL = FT["model"]
+FT_RUNS = FT["runs"] if FT_MODEL is not None else {}
+POSTHOC = config["posthoc"]
+WISE_ALPHAS = [
+    f"{a:g}" for a in POSTHOC["wise"]["alphas"]
+]  # as the CLI names them: a0.25
+SOUP_KINDS = POSTHOC["soups"]["kinds"] if FT_RUNS else []
+FT_EVAL_SETS = (
+    list(config["eval_sets"]) if FT["eval_sets"] == "all" else FT["eval_sets"]
+)
+
+
+def run_seeds(run):
+    return FT_RUNS[run].get("seeds", [0])
+
+
+def run_recipe(run):
+    """finetune.recipe with the run's overrides."""
+    return {**FT["recipe"], **FT_RUNS[run].get("recipe", {})}
+
+
+def finetuned_ids():
+    return [
+        f"ft/{FT_MODEL}/{run}/s{seed}" for run in FT_RUNS for seed in run_seeds(run)
+    ]
+
+
+def posthoc_ids():
+    """Model ids of the post-hoc classifiers (TPGM, TPGM-C, soups); their dirs: models/posthoc/<id>/."""
+    ids = [
+        f"{kind}/{FT_MODEL}/{run}/s{seed}"
+        for kind in ("tpgm", "tpgm-c")
+        for run in (POSTHOC[kind]["runs"] if FT_RUNS else [])
+        for seed in POSTHOC[kind]["seeds"]
+    ]
+    return ids + [
+        f"{kind}/{FT_MODEL}/{run}"
+        for kind in SOUP_KINDS
+        for run in POSTHOC["soups"]["runs"]
+    ]
+
+
+def eval_sets_json(names):
+    """{eval set: its spec, prepared root, reading class and options}: the CLI's --sets."""
+    out = {}
+    for name in names:
+        key = config["eval_sets"][name]["dataset"]
+        spec = {k: v for k, v in config["eval_sets"][name].items() if k != "clean"}
+        out[name] = {
+            "eval_set": spec,
+            "root": dataset_root(key),
+            "type": dataset_type(key),
+            "options": dataset_options(key),
+        }
+    return as_json(out)
+
+
+def tuned_metric_files():
+    files = [
+        f"results/metrics/{clf}/{name}.parquet"
+        for clf in finetuned_ids() + posthoc_ids()
+        for name in FT_EVAL_SETS
+    ]
+    return files + [
+        f"results/metrics/wise/{FT_MODEL}/{run}/s{seed}/a{a}/{name}.parquet"
+        for run in FT_RUNS
+        for seed in run_seeds(run)
+        for a in WISE_ALPHAS
+        for name in FT_EVAL_SETS
+    ]
+
+
 def metric_files():
     return [
         f"results/metrics/{clf}/{name}.parquet"
         for clf in ZEROSHOT_CLASSIFIERS
         for name in selected_eval_sets()
-    ]
+    ] + tuned_metric_files()
+
+
+def val_args():
+    """The validation split post-hoc methods fit on (finetune.val_split, never a test split)."""
+    domain = f" --domain {FT['domain']}" if FT["domain"] else ""
+    return (
+        f"--dataset-root {dataset_root(FT['dataset'])} --dataset-type {dataset_type(FT['dataset'])}"
+        f" --dataset-options '{as_json(dataset_options(FT['dataset']))}'"
+        f" --val-split {FT['val_split']}{domain}"
+    )
+
+
+def energy_gap_args():
+    """finetune.energy_gap and, for the `seen` token pool, the captions it draws from."""
+    gap = FT["energy_gap"]
+    args = f"--energy-gap '{as_json(gap)}'"
+    if gap["vocab"] == "seen":
+        args += (
+            f" --corpus-root {dataset_root(FT['dataset'])} --corpus-type {dataset_type(FT['dataset'])}"
+            f" --corpus-split {FT['corpus_split']}"
+        )
+    return args

@@ -37,3 +37,75 @@ rule evaluate_all:
     """DVC target of the `evaluate` stage."""
     input:
         metric_files(),
+
+
+rule evaluate_finetuned:
+    """A fine-tuned run and its WiSE-FT α sweep on every finetune.eval_sets set, one pass per set
+    (each image decoded once for all α), with energy gaps against the zero-shot tower.
+    """
+    input:
+        clf="models/ft/{model}/{run}/s{seed}/classifier.json",
+        zeroshot="models/zeroshot/{model}/classifier.json",
+        manifests=[
+            dataset_manifest(config["eval_sets"][s]["dataset"]) for s in FT_EVAL_SETS
+        ],
+    output:
+        expand(
+            "results/metrics/ft/{{model}}/{{run}}/s{{seed}}/{eval_set}.parquet",
+            eval_set=FT_EVAL_SETS,
+        ),
+        expand(
+            "results/metrics/wise/{{model}}/{{run}}/s{{seed}}/a{alpha}/{eval_set}.parquet",
+            alpha=WISE_ALPHAS,
+            eval_set=FT_EVAL_SETS,
+        ),
+    log:
+        "logs/evaluate/ft/{model}/{run}/s{seed}.log",
+    conda:
+        "../../environment.yml"
+    threads: config["resources"]["evaluate"]["threads"]
+    resources:
+        **resources_for("evaluate"),
+    params:
+        cfg=as_json({k: v for k, v in config["evaluate"].items() if k != "sets"}),
+        sets=eval_sets_json(FT_EVAL_SETS),
+        gap=energy_gap_args(),
+        alphas=as_json(POSTHOC["wise"]["alphas"]),
+        clf=subpath(input.clf, parent=True),
+        zeroshot=subpath(input.zeroshot, parent=True),
+    shell:
+        "robustify evaluate-tuned --params {params.cfg:q} --classifier {params.clf:q} --sets {params.sets:q}"
+        " {params.gap} --zeroshot {params.zeroshot:q} --wise-alphas {params.alphas:q}"
+        " --out-dir results/metrics/ft/{wildcards.model}/{wildcards.run}/s{wildcards.seed}"
+        " --wise-out-dir results/metrics/wise/{wildcards.model}/{wildcards.run}/s{wildcards.seed}"
+        " --threads {threads} --wildcard model={wildcards.model} --wildcard run={wildcards.run}"
+        " --wildcard seed={wildcards.seed} > {log:q} 2>&1"
+
+
+rule evaluate_posthoc:
+    """A post-hoc classifier (TPGM, TPGM-C, soup, greedy ensemble) on every finetune.eval_sets set."""
+    input:
+        clf="models/posthoc/{pclf}/classifier.json",
+        manifests=[
+            dataset_manifest(config["eval_sets"][s]["dataset"]) for s in FT_EVAL_SETS
+        ],
+    output:
+        expand("results/metrics/{{pclf}}/{eval_set}.parquet", eval_set=FT_EVAL_SETS),
+    log:
+        "logs/evaluate/{pclf}.log",
+    wildcard_constraints:
+        pclf=r"(tpgm|tpgm-c)/[^/]+/[^/]+/s\d+|(uniform-soup|greedy-soup|greedy-ensemble)/[^/]+/[^/]+",
+    conda:
+        "../../environment.yml"
+    threads: config["resources"]["evaluate"]["threads"]
+    resources:
+        **resources_for("evaluate"),
+    params:
+        cfg=as_json({k: v for k, v in config["evaluate"].items() if k != "sets"}),
+        sets=eval_sets_json(FT_EVAL_SETS),
+        gap=energy_gap_args(),
+        clf=subpath(input.clf, parent=True),
+    shell:
+        "robustify evaluate-tuned --params {params.cfg:q} --classifier {params.clf:q} --sets {params.sets:q}"
+        " {params.gap} --out-dir results/metrics/{wildcards.pclf} --threads {threads}"
+        " --wildcard clf={wildcards.pclf} > {log:q} 2>&1"

@@ -1,8 +1,24 @@
+# With fine-tuning runs the report also renders the Lipsum-FT tables, the WiSE/energy-gap plots and
+# the paper claims checked against this run's numbers.
+FINETUNE_REPORT = (
+    {
+        "finetune_md": "results/tables/finetune.md",
+        "finetune_tex": "results/tables/finetune.tex",
+        "wise_curves": "results/plots/wise_curves.png",
+        "energy_gap": "results/plots/energy_gap.png",
+        "claims": "results/claims.md",
+    }
+    if FT_RUNS
+    else {}
+)
+
+
 rule report:
     """All metric parquets → all_metrics.parquet, the results tables and summary.json."""
     input:
         metric_files(),
     output:
+        **FINETUNE_REPORT,
         metrics="results/all_metrics.parquet",
         table="results/tables/zeroshot.md",
         robustness="results/tables/robustness.md",
@@ -18,6 +34,12 @@ rule report:
         out=subpath(output.metrics, parent=True),
         clean=as_json(clean_sets()),
         er=as_json(config["report"]["effective_robustness"]),
+        ft=(
+            f"--finetune-report --wise-alpha {config['report']['wise_alpha']}"
+            f" --claim-tolerance {config['report']['claim_tolerance']}"
+            if FT_RUNS
+            else ""
+        ),
         fr=lambda w: (
             ""
             if config["report"]["flip_rate_baseline"] is None
@@ -25,5 +47,5 @@ rule report:
         ),
     shell:
         "robustify report --inputs {input:q} --out-dir {params.out:q}"
-        " --clean-sets {params.clean:q} --effective-robustness {params.er:q} {params.fr}"
+        " --clean-sets {params.clean:q} --effective-robustness {params.er:q} {params.fr} {params.ft}"
         " > {log:q} 2>&1"

@@ -1,19 +1,30 @@
-"""Evaluate one classifier on one eval set → result rows (DESIGN §5 schema).
+"""Evaluate classifiers on an eval set → result rows (DESIGN §5 schema).
 
 Images go through the model's own eval transform (fused into uint8 workers + per-batch normalisation
 by `eval.loader`); logits are collected for the whole set and mapped by the dataset's `project_logits`
 before any metric, so metrics are dataset-level.
+
+`evaluate_models` scores several classifiers of one architecture in ONE pass over the set (a WiSE-FT
+α sweep, a fine-tuned model and its zero-shot start): every image is decoded once, and an entry that
+is the same module as another (WiSE α=0 is the zero-shot model, α=1 the fine-tuned one) is run once.
+Given the zero-shot model and the random texts' second moment, it also reports each model's energy
+gap (SPEC §2) on the set from the same features.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import pandas as pd
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from robustify.config import EvalSetSpec, EvaluateConfig
 from robustify.data.registry import Dataset
+from robustify.eval.energy import gap_sum
 from robustify.eval.loader import make_eval_loader
 from robustify.eval.metrics import classification_metrics
 from robustify.eval.schema import make_rows
@@ -37,6 +48,124 @@ def predict(
     return torch.cat(logits), torch.cat(labels)
 
 
+@dataclass
+class Entry:
+    """One model to score: the module (an `ImageClassifier`, or any logits module such as an ensemble)
+    and its result columns (model_id, method, method_params, seed, ...)."""
+
+    classifier: nn.Module
+    context: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class EnergyGap:
+    """What the energy gap needs: θ0's image tower, s = exp(logit_scale) and Σ = E_t t tᵀ of the
+    random texts (`eval.energy.text_moment`)."""
+
+    reference: nn.Module
+    scale: float
+    moment: torch.Tensor
+
+
+def _features_and_logits(module: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    if isinstance(module, ImageClassifier):
+        features = module.encoder(x)
+        return module.head(features).float(), features.float()
+    return module(x).float(), None
+
+
+@torch.no_grad()
+def predict_many(
+    modules: Sequence[nn.Module], frame: pd.DataFrame, transform: Any, batch_size: int, workers: int | None,
+    device: str, load_image: Any = None, gap: EnergyGap | None = None,
+) -> tuple[list[torch.Tensor], torch.Tensor, list[float | None]]:
+    """(logits per module, labels, energy gap per module or None) over `frame` in one pass."""
+    options = {} if load_image is None else {"load_image": load_image}
+    loader = make_eval_loader(frame, transform, batch_size, workers, device, **options)
+    for m in modules:
+        m.to(device).eval()
+    if gap is not None:
+        gap.reference.to(device).eval()
+    logits: list[list[torch.Tensor]] = [[] for _ in modules]
+    sums: list[float | None] = [0.0 if gap is not None and isinstance(m, ImageClassifier) else None for m in modules]
+    labels, n = [], 0
+    for x, y in loader:
+        ref = F.normalize(gap.reference(x).float(), dim=-1) if gap is not None else None
+        for i, m in enumerate(modules):
+            z, f = _features_and_logits(m, x)
+            logits[i].append(z.cpu())
+            if sums[i] is not None and f is not None:
+                sums[i] += gap_sum(F.normalize(f, dim=-1) - ref, gap.moment)
+        labels.append(y)
+        n += len(y)
+    gaps = [None if v is None else gap.scale ** 2 * v / max(n, 1) for v in sums]
+    return [torch.cat(z) for z in logits], torch.cat(labels), gaps
+
+
+def _metric_rows(logits: torch.Tensor, labels: torch.Tensor, frame: pd.DataFrame, ctx: dict[str, Any],
+                 ece_bins: int) -> pd.DataFrame:
+    if "corruption" not in frame.columns:
+        return make_rows(ctx, classification_metrics(logits, labels, ece_bins), n=len(labels))
+    # Corrupted sets (ImageNet-C, ObjectNet-C): one measurement per corruption × severity, each over
+    # its whole subset; mCE and friends are computed from these rows by the report stage.
+    parts = []
+    for (corruption, severity), idx in frame.groupby(["corruption", "severity"], sort=True).indices.items():
+        sel = torch.as_tensor(idx)
+        metrics = classification_metrics(logits[sel], labels[sel], ece_bins)
+        parts.append(make_rows({**ctx, "corruption": corruption, "severity": int(severity)}, metrics, n=len(idx)))
+    return pd.concat(parts, ignore_index=True)
+
+
+def evaluate_models(
+    entries: Sequence[Entry],
+    dataset: Dataset,
+    eval_name: str,
+    spec: EvalSetSpec,
+    cfg: EvaluateConfig,
+    device: str = "cpu",
+    gap: EnergyGap | None = None,
+) -> pd.DataFrame:
+    """Rows of every entry on one eval set (+ a set-level `energy_gap` row per tower model with `gap`)."""
+    if not entries:
+        raise ValueError("evaluate_models needs at least one model")
+    frame = dataset.select(spec.split, spec.domain)
+    base = {"eval_dataset": eval_name, "shift_type": spec.shift_type}
+    transform = preprocess(_tower(entries[0].classifier))
+    workers = None if cfg.workers == "auto" else int(cfg.workers)  # None: the loader's default
+    if "perturbation" in frame.columns:  # ImageNet-P-style sequences: flip probability per perturbation
+        from robustify.eval.sequences import evaluate_sequences
+
+        return pd.concat([evaluate_sequences(e.classifier, dataset, frame, transform, cfg.batch_size, workers, device,
+                                             {**e.context, **base}) for e in entries], ignore_index=True)
+    unique: dict[int, int] = {}
+    modules: list[nn.Module] = []
+    for e in entries:
+        if id(e.classifier) not in unique:
+            unique[id(e.classifier)] = len(modules)
+            modules.append(e.classifier)
+    logits, labels, gaps = predict_many(modules, frame, transform, cfg.batch_size, workers, device,
+                                        dataset.load_image, gap)
+    projected = [dataset.project_logits(z) for z in logits]
+    parts = []
+    for e in entries:
+        i = unique[id(e.classifier)]
+        ctx = {**e.context, **base}
+        parts.append(_metric_rows(projected[i], labels, frame, ctx, cfg.ece_bins))
+        if gaps[i] is not None:
+            parts.append(make_rows(ctx, {"energy_gap": gaps[i]}, n=len(labels)))
+    return pd.concat(parts, ignore_index=True)
+
+
+def _tower(module: nn.Module) -> nn.Module:
+    """The image tower whose eval transform the set goes through (ensembles: their first member's)."""
+    if isinstance(module, ImageClassifier):
+        return module.encoder
+    members = getattr(module, "members", None)
+    if members:
+        return _tower(members[0])
+    raise TypeError(f"cannot find the image tower of {type(module).__name__}")
+
+
 def evaluate(
     classifier: ImageClassifier,
     dataset: Dataset,
@@ -46,23 +175,5 @@ def evaluate(
     context: dict[str, Any],
     device: str = "cpu",
 ) -> pd.DataFrame:
-    frame = dataset.select(spec.split, spec.domain)
-    ctx = {**context, "eval_dataset": eval_name, "shift_type": spec.shift_type}
-    transform = preprocess(classifier.encoder)
-    workers = None if cfg.workers == "auto" else int(cfg.workers)  # None: the loader's default
-    if "perturbation" in frame.columns:  # ImageNet-P-style sequences: flip probability per perturbation
-        from robustify.eval.sequences import evaluate_sequences
-
-        return evaluate_sequences(classifier, dataset, frame, transform, cfg.batch_size, workers, device, ctx)
-    logits, labels = predict(classifier, frame, transform, cfg.batch_size, workers, device, dataset.load_image)
-    logits = dataset.project_logits(logits)
-    if "corruption" not in frame.columns:
-        return make_rows(ctx, classification_metrics(logits, labels, cfg.ece_bins), n=len(labels))
-    # Corrupted sets (ImageNet-C, ObjectNet-C): one measurement per corruption × severity, each over
-    # its whole subset; mCE and friends are computed from these rows by the report stage.
-    parts = []
-    for (corruption, severity), idx in frame.groupby(["corruption", "severity"], sort=True).indices.items():
-        sel = torch.as_tensor(idx)
-        metrics = classification_metrics(logits[sel], labels[sel], cfg.ece_bins)
-        parts.append(make_rows({**ctx, "corruption": corruption, "severity": int(severity)}, metrics, n=len(idx)))
-    return pd.concat(parts, ignore_index=True)
+    """One classifier on one eval set (the zero-shot stage's per-set job)."""
+    return evaluate_models([Entry(classifier, context)], dataset, eval_name, spec, cfg, device)

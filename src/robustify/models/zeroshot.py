@@ -92,6 +92,19 @@ class ImageClassifier(nn.Module):
         return self.head(self.encoder(images))
 
 
+class EnsembleClassifier(nn.Module):
+    """Output-space ensemble: the mean of its members' logits (the greedy ensemble of model soups)."""
+
+    def __init__(self, members: Sequence[nn.Module]) -> None:
+        super().__init__()
+        if not members:
+            raise ValueError("an ensemble needs at least one member")
+        self.members = nn.ModuleList(members)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return torch.stack([m(images).float() for m in self.members]).mean(dim=0)
+
+
 # ------------------------------------------------------------------ classifier directories
 def save_zeroshot_classifier(
     out_dir: str | Path, head: ZeroShotHead, spec: ModelSpec, checkpoint: str, info: dict[str, Any]
@@ -120,11 +133,27 @@ def save_classifier(out_dir: str | Path, classifier: ImageClassifier, base: dict
                                              "head_type": "trained", **info})
 
 
-def load_classifier(clf_dir: str | Path, with_clip: bool = False) -> tuple[ImageClassifier, dict[str, Any]] | tuple[ImageClassifier, dict[str, Any], nn.Module]:
+def save_ensemble(out_dir: str | Path, members: Sequence[str | Path], info: dict[str, Any]) -> None:
+    """An ensemble classifier directory: `classifier.json` listing its member directories (referenced,
+    not copied), relative to the working directory as the pipeline's paths are."""
+    first = read_json(Path(members[0]) / "classifier.json")
+    keep = {k: first[k] for k in ("family", "arch", "checkpoint", "train_dataset") if k in first}
+    write_json(Path(out_dir) / "classifier.json", {**keep, "head_type": "ensemble",
+                                                    "members": [str(m) for m in members], **info})
+
+
+def load_classifier(clf_dir: str | Path, with_clip: bool = False) -> tuple[nn.Module, dict[str, Any]] | tuple[nn.Module, dict[str, Any], nn.Module]:
     """(classifier, classifier.json) — and the whole pre-trained CLIP when `with_clip` (its text tower
-    and θ0 tower; the classifier's tower is then a separate copy)."""
+    and θ0 tower; the classifier's tower is then a separate copy). An ensemble directory gives an
+    `EnsembleClassifier` of its members (and the first member's CLIP)."""
     clf_dir = Path(clf_dir)
     info = read_json(clf_dir / "classifier.json")
+    if info.get("head_type") == "ensemble":
+        loaded = [load_classifier(m, with_clip=with_clip and i == 0) for i, m in enumerate(info.get("members") or [])]
+        if not loaded:
+            raise ValueError(f"{clf_dir / 'classifier.json'}: an ensemble needs 'members'")
+        ensemble = EnsembleClassifier([x[0] for x in loaded]).eval()
+        return (ensemble, info, loaded[0][2]) if with_clip else (ensemble, info)
     for key in ("family", "arch", "checkpoint", "head"):
         if key not in info:
             raise ValueError(f"{clf_dir / 'classifier.json'}: missing key '{key}'")

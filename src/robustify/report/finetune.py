@@ -339,7 +339,7 @@ def finetune_latex(df: pd.DataFrame, wise_alpha: float = 0.5) -> str:
 
 
 def write_finetune_report(df: pd.DataFrame, out_dir: str | Path, wise_alpha: float = 0.5,
-                          claims: Sequence[object] | None = None) -> dict[str, Path]:
+                          claims: Sequence[object] | None = None, tolerance: float = 2.0) -> dict[str, Path]:
     """Write tables/finetune.{md,tex}, plots/wise_curves.png, plots/energy_gap.png and claims.md under
     `out_dir` (atomically); {} and nothing written when the frame has no fine-tuned or post-hoc model."""
     from robustify.report.claims import all_claims, claims_markdown
@@ -355,6 +355,6 @@ def write_finetune_report(df: pd.DataFrame, out_dir: str | Path, wise_alpha: flo
     write_text(paths["finetune_tex"], finetune_latex(df, wise_alpha))
     write_wise_curves(df, paths["wise_curves"])
     write_energy_gap_plot(df, paths["energy_gap"])
-    chosen = list(claims) if claims is not None else all_claims(wise_alpha=wise_alpha)
+    chosen = list(claims) if claims is not None else all_claims(wise_alpha=wise_alpha, tolerance=tolerance)
     write_text(paths["claims"], claims_markdown(df, chosen))  # type: ignore[arg-type]
     return paths
