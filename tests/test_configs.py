@@ -1,8 +1,14 @@
 """Paper-scale configs are valid and dry-run against a fixture data root (real sources are
-prepared by the `prepare` jobs, so a dry run only needs the source folders and checkpoints to exist)."""
+prepared by the `prepare` jobs, so a dry run only needs the source folders and checkpoints to exist).
+Configs that fine-tune are also checked job by job in the printed (`-n -p`) plan: every run × seed is
+one `finetune` job asking for the run's recipe and method parameters with the configured resources,
+and the post-hoc jobs (TPGM / TPGM-C, soups) and their evaluations are all there."""
 
 from __future__ import annotations
 
+import json
+import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -14,6 +20,44 @@ import yaml
 from robustify.config import deep_merge, load_yaml
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+
+# The Lipsum-FT paper's recipe (App. B.1: batch 256, peak lr 1e-5, 10% warm-up, evaluation every 1000
+# iterations; steps from the authors' README: --optim_ni 50000 for ImageNet, 5000 for DomainNet) and
+# Lipsum-FT's own parameters (§5.1 / App. B.3: M = 80 random texts of L = 8 tokens, λ = 1).
+LIPSUM_FT_STEPS = {"lipsum-ft-imagenet-vitb16": 50000, "lipsum-ft-domainnet-vitb16": 5000}
+PAPER_RECIPE = {"batch_size": 256, "lr": 1e-5, "warmup": 0.1, "eval_every": 1000, "weight_decay": 0.0}
+PAPER_LIPSUM = {"lam": 1.0, "texts": 80, "length": 8, "vocab": "full"}
+MINIWORLD_RUNS = {"ft", "lipsum-ft", "scratch-ft", "lp", "lp-ft", "ema", "l2sp", "kd", "car-ft", "featkd"}
+
+
+def _jobs(out: str) -> list[dict[str, str]]:
+    """The dry run's job blocks: {'rule', 'wildcards', 'resources', 'shell'} (the lines `-n -p` prints)."""
+    jobs: list[dict[str, str]] = []
+    for line in out.splitlines():
+        head = re.match(r"(?:local)?rule (\S+):$", line)
+        if head:
+            jobs.append({"rule": head.group(1)})
+        elif jobs and line.startswith("Shell command:"):
+            jobs[-1]["shell"] = line.removeprefix("Shell command:").strip()
+        elif jobs and re.match(r"\s+(wildcards|resources): ", line):
+            key, value = line.strip().split(": ", 1)
+            jobs[-1][key] = value
+    return jobs
+
+
+def _fields(line: str) -> dict[str, str]:
+    """`a=1, b=x` (a wildcards or resources line) → {'a': '1', 'b': 'x'}."""
+    return dict(item.split("=", 1) for item in line.split(", "))
+
+
+def _option(shell: str, name: str) -> str:
+    args = shlex.split(shell)
+    return args[args.index(name) + 1]
+
+
+def _selected_runs(ft: dict) -> dict:
+    select = ft.get("select", "all")
+    return dict(ft["runs"]) if select == "all" else {k: v for k, v in ft["runs"].items() if k in select}
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=[c.stem for c in CONFIGS])
@@ -29,9 +73,9 @@ def test_config_dry_runs(repo, tmp_path, config):
     (tmp_path / "fixture.yaml").write_text(yaml.safe_dump({"paths": {"data": str(data), "checkpoints": str(ckpts)}}))
     shutil.copy(repo / "params.yaml", tmp_path / "params.yaml")
     proc = subprocess.run(
-        [sys.executable, "-m", "snakemake", "-s", str(repo / "Snakefile"), "-n", "--cores", "4", "all",
+        [sys.executable, "-m", "snakemake", "-s", str(repo / "Snakefile"), "-n", "-p", "--cores", "4", "all",
          "--configfile", "params.yaml", str(config), "fixture.yaml"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=60,
+        cwd=tmp_path, capture_output=True, text=True, timeout=180,
     )
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-3000:]
@@ -46,3 +90,60 @@ def test_config_dry_runs(repo, tmp_path, config):
     assert n_corrupt == expected  # ObjectNet-C: 15 corruptions x 5 severities x 20 shards, built here
     n_sources = sum(1 for line in out.splitlines() if line.startswith("rule corrupt_sources:"))
     assert n_sources == sum(params["corrupt"][k]["shards"] for k in built)  # each shard decoded once
+    if params["finetune"]["model"] is None:
+        assert not jobs & {"finetune", "evaluate_finetuned", "tpgm", "soups", "evaluate_posthoc"}
+        return
+    _check_finetune_plan(params, config.stem, _jobs(out))
+
+
+def _check_finetune_plan(params: dict, stem: str, jobs: list[dict[str, str]]) -> None:
+    ft, post, res = params["finetune"], params["posthoc"], params["resources"]
+    runs = _selected_runs(ft)
+    by_rule: dict[str, list[dict[str, str]]] = {}
+    for job in jobs:
+        by_rule.setdefault(job["rule"], []).append(job)
+    assert {"finetune", "evaluate_finetuned", "tpgm", "soups", "evaluate_posthoc"} <= set(by_rule)
+    # every run x seed once, nothing else (in particular no mini-world run or recipe leaks into the config)
+    planned = sorted((w["run"], int(w["seed"])) for w in (_fields(j["wildcards"]) for j in by_rule["finetune"]))
+    assert planned == sorted((run, seed) for run, spec in runs.items() for seed in spec.get("seeds", [0]))
+    assert len(by_rule["evaluate_finetuned"]) == len(planned)
+    for job in by_rule["finetune"]:
+        run = _fields(job["wildcards"])["run"]
+        assert json.loads(_option(job["shell"], "--params")) == {**ft["recipe"], **runs[run].get("recipe", {})}
+        assert json.loads(_option(job["shell"], "--method-params")) == runs[run].get("params", {})
+        assert _option(job["shell"], "--method") == runs[run]["method"]
+        assert _option(job["shell"], "--train-split") == ft["train_split"]
+        assert _option(job["shell"], "--val-split") == ft["val_split"]
+        got = _fields(job["resources"])
+        assert (int(got["gpu"]), int(got["runtime"]), int(got["mem_mb"])) == (
+            res["finetune"]["gpu"], res["finetune"]["runtime"], res["finetune"]["mem_mb"])
+    n_tpgm = sum(len(post[k]["runs"]) * len(post[k]["seeds"]) for k in ("tpgm", "tpgm-c"))
+    assert len(by_rule["tpgm"]) == n_tpgm
+    assert len(by_rule["soups"]) == len(post["soups"]["runs"])
+    assert len(by_rule["evaluate_posthoc"]) == n_tpgm + len(post["soups"]["runs"]) * len(post["soups"]["kinds"])
+    for job in by_rule["tpgm"]:
+        kind = _fields(job["wildcards"])["kind"]
+        assert json.loads(_option(job["shell"], "--params")) == post[kind]["params"]
+        assert _option(job["shell"], "--val-split") == ft["val_split"]
+    wise = json.loads(_option(by_rule["evaluate_finetuned"][0]["shell"], "--wise-alphas"))
+    assert wise == post["wise"]["alphas"]
+    if stem not in LIPSUM_FT_STEPS:
+        return
+    # The Lipsum-FT paper's scenarios: its recipe on GPUs, all runs of the paper, post-hoc on FT and Lipsum-FT.
+    assert set(runs) == MINIWORLD_RUNS  # the same run names as params.yaml, so none of its runs survives
+    for job in by_rule["finetune"] + by_rule["tpgm"] + by_rule["evaluate_finetuned"] + by_rule["evaluate_posthoc"]:
+        assert _fields(job["resources"])["gpu"] == "1", job
+    for job in by_rule["finetune"]:
+        run = _fields(job["wildcards"])["run"]
+        recipe = json.loads(_option(job["shell"], "--params"))
+        assert recipe["steps"] == LIPSUM_FT_STEPS[stem]
+        if run in ("ft", "lipsum-ft"):
+            assert {k: recipe[k] for k in PAPER_RECIPE} == PAPER_RECIPE
+        if run == "lipsum-ft":
+            assert json.loads(_option(job["shell"], "--method-params")) == PAPER_LIPSUM
+    assert wise == [round(0.1 * i, 1) for i in range(11)]  # α ∈ {0, 0.1, ..., 1}
+    for run in ("ft", "lipsum-ft"):
+        assert len(runs[run]["seeds"]) >= 3  # means ± std, and soups of several ingredients
+    assert {"ft", "lipsum-ft"} <= set(post["tpgm"]["runs"]) & set(post["tpgm-c"]["runs"]) & set(post["soups"]["runs"])
+    assert params["report"]["wise_alpha"] == 0.5
+    assert ft["energy_gap"] == {"texts": 10000, "length": 8, "vocab": "full", "seed": 0}  # paper §4.2

@@ -50,6 +50,7 @@ def workdir(tmp_path_factory, repo) -> Path:
 
 def test_table_is_sane(workdir):
     df = pd.read_parquet(workdir / "results/all_metrics.parquet")
+    df = df[df["model_id"] == "zeroshot/tinyclip"]
     domains = df[df["eval_dataset"].str.fullmatch(r"miniworld-(photo|sketch|clipart|painting|infographic)")]
     acc = domains[domains["metric"] == "accuracy"].set_index("eval_dataset")["value"]
     assert len(acc) == 5 and domains["n"].eq(300).all()
@@ -65,6 +66,7 @@ def test_table_is_sane(workdir):
 
 def test_corrupted_and_sequence_sets_are_built_and_scored(workdir):
     df = pd.read_parquet(workdir / "results/all_metrics.parquet")
+    df = df[df["model_id"] == "zeroshot/tinyclip"]
     cells = df[(df["eval_dataset"] == "miniworld-c") & (df["metric"] == "accuracy")]
     assert len(cells) == 3 * 5 and cells["n"].eq(60).all() and cells["severity"].notna().all()
     mce = df[(df["eval_dataset"] == "miniworld-c") & (df["metric"] == "relative_mce_subset")]
@@ -85,9 +87,11 @@ def test_one_mlflow_run_per_job(workdir):
     exp = client.get_experiment_by_name("robustify-ci")
     runs = client.search_runs([exp.experiment_id])
     stages = sorted(r.data.tags["stage"] for r in runs)
-    expected = (["corrupt"] * 30 + ["corrupt_merge"] + ["corrupt_sources"] * 2 + ["evaluate"] * 7
-                + ["miniworld", "perturb", "perturb", "perturb", "perturb_merge", "pipeline", "pretrain", "report",
-                   "zeroshot"])
+    # evaluate: 7 zero-shot sets, 4 fine-tuned runs (+ their WiSE sweeps), 4 post-hoc models;
+    # posthoc: TPGM, TPGM-C, one soups job
+    expected = (["corrupt"] * 30 + ["corrupt_merge"] + ["corrupt_sources"] * 2 + ["evaluate"] * 15
+                + ["finetune"] * 4 + ["miniworld", "perturb", "perturb", "perturb", "perturb_merge", "pipeline"]
+                + ["posthoc"] * 3 + ["pretrain", "report", "zeroshot"])
     assert stages == expected
     parent = next(r for r in runs if r.data.tags["stage"] == "pipeline")
     jobs = [r for r in runs if r is not parent]
@@ -105,7 +109,8 @@ def test_second_run_does_nothing_and_param_change_reruns_only_dependents(workdir
     override.write_text("evaluate: {ece_bins: 10}\n")
     out = _run([str(BIN / "snakemake"), "-n", "--cores", "2", "all", "--configfile", "params.yaml", str(override)], workdir)
     jobs = [line.split()[1].rstrip(":") for line in out.splitlines() if line.startswith(("rule ", "localrule "))]
-    assert sorted(set(jobs)) == ["all", "evaluate", "report"] and jobs.count("evaluate") == 7
+    assert sorted(set(jobs)) == ["all", "evaluate", "evaluate_finetuned", "evaluate_posthoc", "report"]
+    assert jobs.count("evaluate") == 7 and jobs.count("evaluate_finetuned") == 4 and jobs.count("evaluate_posthoc") == 4
 
 
 def test_dvc_repro_records_without_rerunning_then_follows_params(workdir):
@@ -113,7 +118,7 @@ def test_dvc_repro_records_without_rerunning_then_follows_params(workdir):
     _run([dvc, "init", "--no-scm", "-q"], workdir)
     before = {p: p.stat().st_mtime_ns for p in (workdir / "results/metrics").rglob("*.parquet")}
     out = _run([dvc, "repro"], workdir)
-    assert out.count("Nothing to be done") == 7, out
+    assert out.count("Nothing to be done") == 9, out
     assert {p: p.stat().st_mtime_ns for p in before} == before
     out = _run([dvc, "status"], workdir)
     assert "up to date" in out
@@ -126,4 +131,29 @@ def test_dvc_repro_records_without_rerunning_then_follows_params(workdir):
     assert ran == ["evaluate", "report"], out
     assert "Finished jobid" in out and "rule pretrain" not in out and "rule miniworld" not in out
     df = pd.read_parquet(workdir / "results/all_metrics.parquet")
-    assert df["run_id"].nunique() == 7
+    assert df["run_id"].nunique() == 15
+
+
+def test_fine_tuning_family_is_trained_evaluated_and_reported(workdir):
+    """Every fine-tuning stage ran: runs, WiSE sweeps, TPGM(-C), soups; energy gaps; tables, plots, claims."""
+    df = pd.read_parquet(workdir / "results/all_metrics.parquet")
+    acc = df[(df["metric"] == "accuracy") & (df["eval_dataset"] == "miniworld-sketch")]
+    assert set(acc["model_id"]) >= {"ft/tinyclip/ft/s0", "ft/tinyclip/ft/s1", "ft/tinyclip/lipsum-ft/s0",
+                                    "ft/tinyclip/lp/s0", "wise/tinyclip/ft/s0/a0.5", "tpgm/tinyclip/ft/s0",
+                                    "tpgm-c/tinyclip/lipsum-ft/s0", "uniform-soup/tinyclip/ft",
+                                    "greedy-ensemble/tinyclip/ft"}
+    by_id = acc.set_index("model_id")["value"]
+    zero_shot = df[(df["model_id"] == "zeroshot/tinyclip") & (df["metric"] == "accuracy")
+                   & (df["eval_dataset"] == "miniworld-sketch")]["value"].item()
+    assert by_id["wise/tinyclip/ft/s0/a0"] == pytest.approx(zero_shot, abs=1e-6)  # WiSE α=0 is the zero-shot model
+    assert by_id["wise/tinyclip/ft/s0/a1"] == by_id["ft/tinyclip/ft/s0"]
+    gaps = df[(df["metric"] == "energy_gap") & (df["eval_dataset"] == "miniworld-sketch")].set_index("model_id")["value"]
+    assert gaps["wise/tinyclip/ft/s0/a0"] == 0 and gaps["ft/tinyclip/ft/s0"] > 0
+    assert gaps["ft/tinyclip/lp/s0"] == 0  # LP leaves the image tower at θ0
+    table = (workdir / "results/tables/finetune.md").read_text()
+    assert "| Lipsum-FT |" in table and "| WiSE-FT (α=0.5) on FT |" in table and "TPGM on FT" in table
+    assert "\\begin{tabular}" in (workdir / "results/tables/finetune.tex").read_text()
+    for plot in ("wise_curves.png", "energy_gap.png"):
+        assert (workdir / "results/plots" / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    claims = (workdir / "results/claims.md").read_text()
+    assert claims.count("- **PASS**") + claims.count("- **FAIL**") + claims.count("- **NOT RUN**") == 4

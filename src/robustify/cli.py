@@ -99,10 +99,11 @@ def cmd_prepare(a: argparse.Namespace) -> None:
     from robustify.data.prepare import prepare
     from robustify.tracking import job_run
 
-    params = {"type": a.type, "source": a.source, "options": a.options}
+    params = {"type": a.type, "source": a.source, "options": a.options, "holdout": a.holdout}
     with job_run("prepare", params, a.experiment, _wildcards(a.wildcard)) as run:
         t0 = time.perf_counter()
-        manifest = prepare(a.type, a.source, a.out, a.options, workers=max(1, a.threads or 1) * 4)
+        manifest = prepare(a.type, a.source, a.out, a.options, workers=max(1, a.threads or 1) * 4,
+                           holdout=a.holdout)
         rejects = Path(a.out) / "rejects.parquet"
         import pandas as pd
 
@@ -558,6 +559,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--type", required=True, help="registered dataset class, e.g. imagenet, objectnet")
     p.add_argument("--source", required=True, help="the dataset's folder in its official layout")
     p.add_argument("--options", type=_json_arg, default={}, help="datasets.<key>.options as JSON")
+    p.add_argument("--holdout", type=_json_arg, default=None,
+                   help='datasets.<key>.holdout as JSON: {"split_from", "split_to", "fraction", "seed"} (null: none)')
     p.add_argument("--out", required=True, help="prepared folder: manifest.parquet, dataset.json, rejects.parquet")
     _stage_args(p)
     p.set_defaults(func=cmd_prepare)

@@ -143,13 +143,20 @@ def _cross_reference_problems(p: Mapping[str, Any]) -> list[str]:
     return out + _finetune_problems(p, known)
 
 
+def selected_runs(finetune: Mapping[str, Any]) -> dict[str, Any]:
+    """finetune.runs restricted to finetune.select (all, or the listed keys)."""
+    runs, select = finetune["runs"], finetune["select"]
+    return dict(runs) if select == "all" else {k: v for k, v in runs.items() if k in select}
+
+
 def _finetune_problems(p: Mapping[str, Any], known: set[str]) -> list[str]:
     """finetune/posthoc references: the start model, label space, sets, and the runs post-hoc methods use."""
     ft, post = p["finetune"], p["posthoc"]
-    runs = ft["runs"]
+    out = [f"finetune.select: '{r}' is not a key of finetune.runs ({sorted(ft['runs'])})"
+           for r in ([] if ft["select"] == "all" else ft["select"]) if r not in ft["runs"]]
+    runs = selected_runs(ft)
     if ft["model"] is None or not runs:
-        return []
-    out = []
+        return out
     if ft["model"] not in p["zeroshot"]["models"]:
         out.append(f"finetune.model: '{ft['model']}' has no zero-shot classifier (zeroshot.models: {p['zeroshot']['models']})")
     if ft["dataset"] != p["zeroshot"]["dataset"]:
@@ -164,14 +171,14 @@ def _finetune_problems(p: Mapping[str, Any], known: set[str]) -> list[str]:
     for kind in ("tpgm", "tpgm-c"):
         for run in post[kind]["runs"]:
             if run not in runs:
-                out.append(f"posthoc.{kind}.runs: '{run}' is not a key of finetune.runs ({sorted(runs)})")
+                out.append(f"posthoc.{kind}.runs: '{run}' is not a selected key of finetune.runs ({sorted(runs)})")
             else:
                 missing = sorted(set(post[kind]["seeds"]) - set(seeds[run]))
                 if missing:
                     out.append(f"posthoc.{kind}.seeds: {missing} are not seeds of finetune.runs.{run} ({seeds[run]})")
     for run in post["soups"]["runs"] if post["soups"]["kinds"] else []:
         if run not in runs:
-            out.append(f"posthoc.soups.runs: '{run}' is not a key of finetune.runs ({sorted(runs)})")
+            out.append(f"posthoc.soups.runs: '{run}' is not a selected key of finetune.runs ({sorted(runs)})")
         elif len(seeds[run]) < 2:
             out.append(f"posthoc.soups.runs: '{run}' has {len(seeds[run])} seed; a soup needs at least 2 "
                        f"(finetune.runs.{run}.seeds)")

@@ -5,7 +5,7 @@ import os
 import re
 import uuid
 
-from robustify.config import validate_params
+from robustify.config import selected_runs, validate_params
 from robustify.corruptions.names import corruption_names, perturbation_names
 from robustify.data.registry import corrupted_type
 
@@ -45,7 +45,7 @@ wildcard_constraints:
     severity=r"[1-5]",
     shard=r"\d+",
     clf=r"zeroshot/[A-Za-z0-9][A-Za-z0-9_.-]*",  # per-set evaluation; trained models: evaluate_tuned
-    run="|".join(re.escape(k) for k in config["finetune"]["runs"]) or r"(?!)",
+    run="|".join(re.escape(k) for k in selected_runs(config["finetune"])) or r"(?!)",
     seed=r"\d+",
     alpha=r"[0-9.]+",
 
@@ -177,7 +177,7 @@ def perturb_shards(pset):
 # ---------------------------------------------------------------- fine-tuning and post-hoc
 FT = config["finetune"]
 FT_MODEL = FT["model"]
-FT_RUNS = FT["runs"] if FT_MODEL is not None else {}
+FT_RUNS = selected_runs(FT) if FT_MODEL is not None else {}
 POSTHOC = config["posthoc"]
 WISE_ALPHAS = [
     f"{a:g}" for a in POSTHOC["wise"]["alphas"]

@@ -16,8 +16,9 @@ rule prepare:
     params:
         type=lambda w: dataset_type(w.dataset),
         options=lambda w: as_json(dataset_options(w.dataset)),
+        holdout=lambda w: as_json(config["datasets"][w.dataset].get("holdout")),
         out=subpath(output.manifest, parent=True),
     shell:
         "robustify prepare --type {params.type} --source {input.source:q}"
-        " --options {params.options:q} --out {params.out:q} --threads {threads}"
+        " --options {params.options:q} --holdout {params.holdout:q} --out {params.out:q} --threads {threads}"
         " --wildcard dataset={wildcards.dataset} > {log:q} 2>&1"

@@ -9,6 +9,7 @@ interrupted prepare never leaves a manifest that lists files it did not check.
 
 from __future__ import annotations
 
+import hashlib
 import warnings
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -41,10 +42,38 @@ def check_image(path: str) -> tuple[str | None, str | None]:
         return None, f"unreadable: {type(e).__name__}: {e}"
 
 
+def hold_out(manifest: pd.DataFrame, split_from: str, split_to: str, fraction: float, seed: int = 0) -> pd.DataFrame:
+    """Move a seeded, class-stratified `fraction` of split `split_from` to a new split `split_to`.
+
+    Official ImageNet and DomainNet releases have no labelled split besides the reported one, yet the
+    best checkpoint, TPGM's radii and greedy soups must be chosen on held-out data (SPEC §2); model-soups
+    holds out 2% of ImageNet train the same way. Membership depends only on (seed, path) through a hash,
+    so it is the same whatever the listing order, and each (domain, class) group keeps its share
+    (at least one image of every group with two or more).
+    """
+    if not 0 < fraction < 1:
+        raise ValueError(f"holdout.fraction must be in (0, 1), got {fraction}")
+    if split_to in set(manifest["split"]):
+        raise ValueError(f"holdout: split '{split_to}' already exists in the dataset; choose another name")
+    source = manifest[manifest["split"] == split_from]
+    if source.empty:
+        raise ValueError(f"holdout: the dataset has no '{split_from}' split (splits: {sorted(set(manifest['split']))})")
+    key = source["path"].map(lambda p: hashlib.sha256(f"{seed}:{p}".encode()).hexdigest())
+    groups = ["domain", "label"] if "domain" in source.columns else ["label"]
+    rank = key.groupby([source[g] for g in groups]).rank(method="first")
+    size = source.groupby(groups)["path"].transform("size")
+    take = size.ge(2) & rank.le((size * fraction).round().clip(lower=1))
+    out = manifest.copy()
+    out.loc[take[take].index, "split"] = split_to
+    return out
+
+
 def prepare(
-    name: str, source: str | Path, out_dir: str | Path, options: Mapping[str, Any] | None = None, workers: int = 8
+    name: str, source: str | Path, out_dir: str | Path, options: Mapping[str, Any] | None = None, workers: int = 8,
+    holdout: Mapping[str, Any] | None = None,
 ) -> pd.DataFrame:
-    """Enumerate `source` with dataset `name`'s layout, check every image, write the manifest."""
+    """Enumerate `source` with dataset `name`'s layout, check every image, write the manifest
+    (with a held-out split carved from another when `holdout` is given, see `hold_out`)."""
     source, out_dir = Path(source), Path(out_dir)
     if not source.is_dir():
         raise FileNotFoundError(f"dataset '{name}': source folder not found: {source}")
@@ -66,12 +95,15 @@ def prepare(
     bad = [reason is not None for _, reason in checked]
     rejects = items.loc[bad, ["path"]].assign(reason=[r for _, r in checked if r is not None])
     manifest = items.loc[[not b for b in bad]].reset_index(drop=True)
+    if holdout:
+        manifest = hold_out(manifest, **holdout)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "manifest.parquet").unlink(missing_ok=True)
     write_parquet(out_dir / "rejects.parquet", rejects.reset_index(drop=True))
     write_json(out_dir / "dataset.json", {
         "name": name, "classes": found.classnames, "source": str(source.resolve()),
-        "options": dict(options or {}), "items": len(manifest), "rejected": len(rejects), **found.info,
+        "options": dict(options or {}), "holdout": dict(holdout or {}), "items": len(manifest),
+        "rejected": len(rejects), **found.info,
     })
     write_parquet(out_dir / "manifest.parquet", manifest)
     return manifest
