@@ -387,7 +387,7 @@ def cmd_evaluate_tuned(a: argparse.Namespace) -> None:
         entries = [Entry(classifier, _result_context(info, run.run_id))]
         outputs = [Path(a.out_dir)]
         if alphas:
-            zeroshot, zs_info = load_classifier(a.zeroshot)
+            zeroshot, _ = load_classifier(a.zeroshot)
             for alpha in alphas:
                 module = zeroshot if alpha == 0 else classifier if alpha == 1 else wise_classifier(zeroshot, classifier, alpha)
                 ctx = {**_result_context(info, run.run_id), "model_id": f"wise/{info['model_id'].split('/', 1)[1]}/{_alpha_name(alpha)}",
@@ -404,7 +404,8 @@ def cmd_evaluate_tuned(a: argparse.Namespace) -> None:
                 corpus = get_dataset(a.corpus_type, a.corpus_root, {}).select(a.corpus_split)["caption"].dropna().tolist()
             texts = random_text_embeddings(clip.to(device), tokenizer(info["arch"]), g["texts"], g["length"], g["vocab"],
                                            corpus, g["seed"])
-            gap = EnergyGap(clip.visual, float(clip.logit_scale.detach().exp()), text_moment(texts))
+            theta0 = zeroshot.encoder if alphas else clip.visual  # the same weights; shared, θ0 runs once
+            gap = EnergyGap(theta0, float(clip.logit_scale.detach().exp()), text_moment(texts))
         for name, spec in sets.items():
             s = a.sets[name]
             dataset = get_dataset(s["type"], s["root"], s.get("options", {}))

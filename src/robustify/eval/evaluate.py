@@ -67,10 +67,15 @@ class EnergyGap:
     moment: torch.Tensor
 
 
-def _features_and_logits(module: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _features_and_logits(module: nn.Module, x: torch.Tensor, known: dict[int, torch.Tensor]
+                         ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(logits, image features or None); `known` holds this batch's features by tower, so a tower
+    shared by several entries (θ0 of the zero-shot model and of the energy gap) runs once."""
     if isinstance(module, ImageClassifier):
-        features = module.encoder(x)
-        return module.head(features).float(), features.float()
+        features = known.get(id(module.encoder))
+        if features is None:
+            features = known[id(module.encoder)] = module.encoder(x).float()
+        return module.head(features).float(), features
     return module(x).float(), None
 
 
@@ -90,9 +95,13 @@ def predict_many(
     sums: list[float | None] = [0.0 if gap is not None and isinstance(m, ImageClassifier) else None for m in modules]
     labels, n = [], 0
     for x, y in loader:
-        ref = F.normalize(gap.reference(x).float(), dim=-1) if gap is not None else None
+        known: dict[int, torch.Tensor] = {}
+        ref = None
+        if gap is not None:
+            known[id(gap.reference)] = gap.reference(x).float()
+            ref = F.normalize(known[id(gap.reference)], dim=-1)
         for i, m in enumerate(modules):
-            z, f = _features_and_logits(m, x)
+            z, f = _features_and_logits(m, x, known)
             logits[i].append(z.cpu())
             if sums[i] is not None and f is not None:
                 sums[i] += gap_sum(F.normalize(f, dim=-1) - ref, gap.moment)
