@@ -27,7 +27,7 @@ from robustify.data.registry import Dataset
 from robustify.eval.energy import gap_sum
 from robustify.eval.loader import make_eval_loader
 from robustify.eval.metrics import classification_metrics
-from robustify.eval.schema import make_rows
+from robustify.eval.schema import make_rows_many
 from robustify.models.clip import preprocess
 from robustify.models.zeroshot import ImageClassifier
 
@@ -111,18 +111,19 @@ def predict_many(
     return [torch.cat(z) for z in logits], torch.cat(labels), gaps
 
 
-def _metric_rows(logits: torch.Tensor, labels: torch.Tensor, frame: pd.DataFrame, ctx: dict[str, Any],
-                 ece_bins: int) -> pd.DataFrame:
+def _metric_groups(logits: torch.Tensor, labels: torch.Tensor, frame: pd.DataFrame, ctx: dict[str, Any],
+                   ece_bins: int) -> list[tuple[dict[str, Any], dict[str, float], int]]:
+    """(context, metrics, n) groups of one model on one set (`schema.make_rows_many` builds the rows)."""
     if "corruption" not in frame.columns:
-        return make_rows(ctx, classification_metrics(logits, labels, ece_bins), n=len(labels))
+        return [(ctx, classification_metrics(logits, labels, ece_bins), len(labels))]
     # Corrupted sets (ImageNet-C, ObjectNet-C): one measurement per corruption × severity, each over
     # its whole subset; mCE and friends are computed from these rows by the report stage.
-    parts = []
+    groups = []
     for (corruption, severity), idx in frame.groupby(["corruption", "severity"], sort=True).indices.items():
         sel = torch.as_tensor(idx)
         metrics = classification_metrics(logits[sel], labels[sel], ece_bins)
-        parts.append(make_rows({**ctx, "corruption": corruption, "severity": int(severity)}, metrics, n=len(idx)))
-    return pd.concat(parts, ignore_index=True)
+        groups.append(({**ctx, "corruption": corruption, "severity": int(severity)}, metrics, len(idx)))
+    return groups
 
 
 def evaluate_models(
@@ -155,14 +156,14 @@ def evaluate_models(
     logits, labels, gaps = predict_many(modules, frame, transform, cfg.batch_size, workers, device,
                                         dataset.load_image, gap)
     projected = [dataset.project_logits(z) for z in logits]
-    parts = []
+    groups = []
     for e in entries:
         i = unique[id(e.classifier)]
         ctx = {**e.context, **base}
-        parts.append(_metric_rows(projected[i], labels, frame, ctx, cfg.ece_bins))
+        groups += _metric_groups(projected[i], labels, frame, ctx, cfg.ece_bins)
         if gaps[i] is not None:
-            parts.append(make_rows(ctx, {"energy_gap": gaps[i]}, n=len(labels)))
-    return pd.concat(parts, ignore_index=True)
+            groups.append((ctx, {"energy_gap": gaps[i]}, len(labels)))
+    return make_rows_many(groups)
 
 
 def _tower(module: nn.Module) -> nn.Module:
