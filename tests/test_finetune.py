@@ -13,10 +13,13 @@ import torch
 import torch.nn.functional as F
 
 from robustify.config import ModelSpec
+from robustify.io import load_safetensors, save_safetensors
 from robustify.methods.finetune import (
-    Batch, FineTuneConfig, ImageData, METHODS, RunContext, augment_batch, finetune, make_method, tuned_and_reference,
+    Batch, FineTuneConfig, ImageData, METHODS, RunContext, augment_batch, finetune, frozen_features, make_method,
+    training_layout, tuned_and_reference,
 )
-from robustify.models.clip import create_clip, tokenizer
+from robustify.models.clip import create_clip, model_config, tokenizer
+from robustify.models.random_texts import encode_random_texts, sample_texts, special_ids, token_pool
 from robustify.models.zeroshot import ImageClassifier, ZeroShotHead, build_zeroshot_head
 
 MEAN, STD = (0.48, 0.46, 0.41), (0.27, 0.26, 0.28)
@@ -149,6 +152,110 @@ def test_lipsum_term_by_hand_and_its_random_texts(world: dict) -> None:
     seen.setup(model, RunContext(reference, text, world["train"], world["val"], FineTuneConfig(steps=1, batch_size=3), 0, "cpu"))
     allowed = set(world["tok"](text.corpus).flatten().tolist()) - {0, sot, eot}
     assert set(seen.random_texts(batch)[:, 1:9].flatten().tolist()) <= allowed
+
+
+# ---------------------------------------------------------------------------- cost: exact shortcuts
+def _custom_text_clip(arch: str) -> torch.nn.Module:
+    """open_clip's CustomTextCLIP (a separate `TextTransformer`) with the tiny config's towers."""
+    from open_clip.model import CustomTextCLIP
+
+    cfg = model_config(arch)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(1)
+        return CustomTextCLIP(cfg["embed_dim"], cfg["vision_cfg"], cfg["text_cfg"]).eval()
+
+
+@pytest.mark.parametrize("arch", ["tinyclip-rn32", "tinyclip-vit32"])
+@pytest.mark.parametrize("kind", ["CLIP", "CustomTextCLIP"])
+def test_random_texts_encoded_up_to_their_eot_equal_the_full_context(arch: str, kind: str) -> None:
+    """The causal text tower pools at the EOT: encoding only [SOT]+L+[EOT] (10 of 20 positions here,
+    10 of 77 for real CLIPs), the last block at the EOT row only, gives the full-context embedding,
+    text by text, also for mixed lengths (a mask row per text)."""
+    clip = create_clip(ModelSpec("open_clip", arch), init_seed=0) if kind == "CLIP" else _custom_text_clip(arch)
+    tok = tokenizer(arch)
+    sot, eot = special_ids(tok)
+    ids = sample_texts(token_pool(tok, "full"), 16, 8, tok.context_length, sot, eot, torch.Generator().manual_seed(0))
+    ids[3, 5:] = 0
+    ids[3, 4] = eot  # a shorter text: each row pools at its own EOT
+    calls = []
+    original = clip.encode_text
+    clip.encode_text = lambda t: calls.append(t.shape) or original(t)  # the fallback would call this
+    last = (clip.transformer if kind == "CLIP" else clip.text.transformer).resblocks[-1]
+    last.forward = lambda *a, **k: calls.append("last block whole")  # the pooled-row shortcut skips it
+    same = [i for i in range(len(ids)) if i != 3]  # all of length 8: one mask row for all
+    with torch.no_grad():
+        short, short_same = encode_random_texts(clip, ids), encode_random_texts(clip, ids[same])
+        del last.forward
+        full = original(ids)
+    assert not calls  # the truncated, pooled-row path ran
+    assert short.shape == full.shape
+    torch.testing.assert_close(short, full, rtol=0, atol=1e-5)
+    torch.testing.assert_close(short_same, full[same], rtol=0, atol=1e-5)
+    assert float((full[3] - full[4]).abs().max()) > 1e-3  # texts differ: the comparison has teeth
+
+
+def test_text_towers_not_understood_fall_back_to_encode_text() -> None:
+    clip = create_clip(ModelSpec("open_clip", "tinyclip-rn32"), init_seed=0)
+    clip.text_pool_type = "last"  # pools at the last position: every token counts
+    ids = torch.randint(1, 100, (4, clip.context_length))
+    with torch.no_grad():
+        assert torch.equal(encode_random_texts(clip, ids), clip.encode_text(ids))
+
+
+@pytest.mark.parametrize("arch", ["tinyclip-rn32", "tinyclip-vit32"])
+def test_frozen_features_equal_the_towers_forward(arch: str) -> None:
+    """θ0's no-grad forward pools only the attention-pool query it keeps (ModifiedResNet): the same
+    features; a tower with hooks (or a ViT) runs its own forward."""
+    visual = make_clip(arch)[0].visual.eval()
+    images = make_data(24, 3).normalise(make_data(24, 3).images, "cpu")
+    calls = []
+    with torch.no_grad():
+        expected = visual(images)
+        if arch == "tinyclip-rn32":
+            visual.attnpool.forward = lambda *a: calls.append("whole pool")  # the shortcut must not call it
+        got = frozen_features(visual, images)
+        assert not calls
+        if arch == "tinyclip-rn32":
+            del visual.attnpool.forward
+            handle = visual.register_forward_hook(lambda m, i, o: calls.append("hooked"))
+            assert torch.equal(frozen_features(visual, images), expected) and calls == ["hooked"]
+            handle.remove()
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5 * float(expected.abs().max()))
+
+
+def test_channels_last_training_matches_the_default_layout(world: dict, tmp_path: Path) -> None:
+    """A conv tower trains in NHWC (faster convolutions) to the same weights up to float rounding,
+    and hands back default-layout (contiguous) towers and weights, which safetensors requires."""
+    assert training_layout(world["clip"].visual) == torch.channels_last
+    assert training_layout(make_clip("tinyclip-vit32")[0].visual) == torch.contiguous_format  # one patch conv
+    runs, layouts = {}, {}
+    for flag in (False, True):
+        model, reference, text = tuned_and_reference(copy.deepcopy(world["clip"]), world["head"])
+        text.tokenize = world["tok"]
+        method = make_method("lipsum-ft", {"texts": 8})
+        seen = []
+        method.on_step_end = lambda m, step, seen=seen: seen.append(
+            all(p.is_contiguous(memory_format=torch.channels_last) for p in m.encoder.parameters() if p.ndim == 4))
+        cfg = FineTuneConfig(steps=3, batch_size=16, lr=1e-4, eval_every=3, augment="flip-shift")
+        runs[flag] = finetune(model, reference, method, world["train"], world["val"], cfg, seed=0, text=text,
+                              channels_last=flag)
+        layouts[flag] = seen
+        for tower in (model.encoder, reference.encoder, runs[flag].model.encoder):
+            assert all(p.is_contiguous() for p in tower.parameters())
+    assert layouts == {False: [False] * 3, True: [True] * 3}
+    images = world["val"].normalise(world["val"].images, "cpu")
+    with torch.no_grad():
+        start = ImageClassifier(world["clip"].visual, world["head"])(images)
+        logits = {flag: runs[flag].model(images) for flag in runs}
+    change = float((logits[False] - start).abs().max())
+    assert change > 1e-2  # the runs trained
+    torch.testing.assert_close(logits[True], logits[False], rtol=0, atol=1e-4 * change)
+    # weights: Adam moves a weight whose gradient is float noise by up to ~lr a step, either way
+    tuned, plain = runs[True].model.state_dict(), runs[False].model.state_dict()
+    for k in plain:
+        torch.testing.assert_close(tuned[k], plain[k], rtol=0, atol=2 * cfg.lr * cfg.steps, msg=k)
+    save_safetensors(tmp_path / "w.safetensors", tuned)
+    assert all(torch.equal(v, tuned[k]) for k, v in load_safetensors(tmp_path / "w.safetensors").items())
 
 
 # ---------------------------------------------------------------------------- the loop

@@ -66,22 +66,22 @@ def _stage_args(p: argparse.ArgumentParser) -> None:
 
 # ------------------------------------------------------------------ stages
 
-def _train_split(dataset: Any, name: str, domain: str | None, clip: Any, arch: str) -> Any:
-    """A training/validation split as the loop's data source, at the CLIP's input size and normalisation."""
+def _train_split(dataset: Any, name: str, domain: str | None, clip: Any, threads: int | None) -> Any:
+    """A training/validation split as the loop's data source at the CLIP's input size and normalisation:
+    in memory when it fits, else streamed from the files (`methods.train_data.make_train_data`)."""
     import open_clip
-    import torch
 
-    from robustify.data.loading import load_uint8_stack
-    from robustify.methods.finetune import ImageData
+    from robustify.methods.train_data import make_train_data
 
     frame = dataset.select(name, domain)  # raises naming the manifest when empty
     pp = open_clip.get_model_preprocess_cfg(clip)
+    if pp.get("resize_mode", "shortest") != "shortest":
+        raise SystemExit(f"resize_mode '{pp['resize_mode']}' of the model's preprocessing is not supported for "
+                         "training data (only 'shortest': resize the shortest side, centre-crop)")
     size = pp["size"] if isinstance(pp["size"], int) else pp["size"][-1]
-    images = load_uint8_stack(frame["path"].tolist())
-    if images.shape[-1] != size or images.shape[-2] != size:
-        raise SystemExit(f"{dataset.manifest_path}: '{name}' images are {images.shape[-1]}x{images.shape[-2]} px "
-                         f"but {arch} expects {size}")
-    return ImageData(images, torch.tensor(frame["label"].to_numpy(dtype="int64")), tuple(pp["mean"]), tuple(pp["std"]))
+    workers = max(0, min(8, (threads or 1) - 1))  # decode processes beside the job's main one
+    return make_train_data(frame["path"].tolist(), frame["label"].to_numpy(dtype="int64"), size, pp["mean"],
+                           pp["std"], workers=workers, interpolation=pp.get("interpolation", "bicubic"))
 
 
 def _result_context(info: dict[str, Any], run_id: str | None) -> dict[str, Any]:
@@ -296,7 +296,7 @@ def cmd_finetune(a: argparse.Namespace) -> None:
 
     from robustify.data.registry import get_dataset
     from robustify.io import params_hash, sha256_file, write_json
-    from robustify.methods.finetune import ImageData, config_from, finetune, make_method, tuned_and_reference
+    from robustify.methods.finetune import config_from, finetune, make_method, tuned_and_reference
     from robustify.models.clip import tokenizer
     from robustify.models.zeroshot import load_classifier, save_classifier
     from robustify.tracking import job_run
@@ -312,8 +312,8 @@ def cmd_finetune(a: argparse.Namespace) -> None:
         zs, base, clip = load_classifier(a.zeroshot, with_clip=True)
         dataset = get_dataset(a.dataset_type, a.dataset_root, a.dataset_options)
 
-        def split(name: str) -> ImageData:
-            return _train_split(dataset, name, a.domain, clip, base["arch"])
+        def split(name: str) -> Any:
+            return _train_split(dataset, name, a.domain, clip, a.threads)
 
         train, val = split(a.train_split), split(a.val_split)
         model, reference, text = tuned_and_reference(clip, zs.head)
@@ -427,7 +427,7 @@ def _posthoc_inputs(a: argparse.Namespace, clf_dir: str) -> tuple[Any, dict[str,
 
     clf, info, clip = load_classifier(clf_dir, with_clip=True)
     dataset = get_dataset(a.dataset_type, a.dataset_root, a.dataset_options)
-    return clf, info, clip, _train_split(dataset, a.val_split, a.domain, clip, info["arch"])
+    return clf, info, clip, _train_split(dataset, a.val_split, a.domain, clip, a.threads)
 
 
 def cmd_posthoc(a: argparse.Namespace) -> None:

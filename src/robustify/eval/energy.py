@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from robustify.models.random_texts import sample_texts, special_ids, token_pool
+from robustify.models.random_texts import encode_random_texts, sample_texts, special_ids, token_pool
 
 Batches = Sequence[tuple[torch.Tensor, torch.Tensor]]
 DEFAULT_CHUNK = 1024  # images per float64 chunk
@@ -54,7 +54,7 @@ def random_text_embeddings(
     was_training = clip.training
     clip.eval()
     try:
-        chunks = [clip.encode_text(ids[i:i + batch_size].to(device)).float().cpu() for i in range(0, n, batch_size)]
+        chunks = [encode_random_texts(clip, ids[i:i + batch_size].to(device)).float().cpu() for i in range(0, n, batch_size)]
     finally:
         clip.train(was_training)
     return F.normalize(torch.cat(chunks), dim=-1)
