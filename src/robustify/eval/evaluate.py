@@ -87,14 +87,20 @@ def predict_many(
     """(logits per module, labels, energy gap per module or None) over `frame` in one pass."""
     options = {} if load_image is None else {"load_image": load_image}
     loader = make_eval_loader(frame, transform, batch_size, workers, device, **options)
-    for m in modules:
+    towers = [*modules, *([gap.reference] if gap is not None else [])]
+    # oneDNN/cuDNN run NHWC convolutions faster (the mini-world RN tower: 0.23 vs 0.31 ms/img on one CPU
+    # thread); the same numbers up to float rounding. ViTs (one patch conv) stay as they are.
+    nhwc = all(sum(isinstance(c, nn.Conv2d) for c in m.modules()) > 1 for m in towers)
+    for m in towers:
         m.to(device).eval()
-    if gap is not None:
-        gap.reference.to(device).eval()
+        if nhwc:
+            m.to(memory_format=torch.channels_last)
     logits: list[list[torch.Tensor]] = [[] for _ in modules]
     sums: list[float | None] = [0.0 if gap is not None and isinstance(m, ImageClassifier) else None for m in modules]
     labels, n = [], 0
     for x, y in loader:
+        if nhwc:
+            x = x.contiguous(memory_format=torch.channels_last)
         known: dict[int, torch.Tensor] = {}
         ref = None
         if gap is not None:

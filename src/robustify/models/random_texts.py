@@ -41,7 +41,7 @@ def token_pool(tokenize: Callable[..., torch.Tensor], vocab: str, corpus: Iterab
         return torch.arange(0, min(sot, eot), dtype=torch.long)
     if vocab != "seen":
         raise ValueError(f"vocab must be one of {VOCABS}, got '{vocab}'")
-    texts = list(corpus or [])
+    texts = sorted(set(corpus or []))  # the pool is a set of ids: tokenise each distinct caption once
     if not texts:
         raise ValueError("vocab 'seen' needs a caption corpus (e.g. the pre-training captions)")
     ids = torch.cat([tokenize(texts[i:i + 4096]).flatten() for i in range(0, len(texts), 4096)]).unique()
