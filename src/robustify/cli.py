@@ -376,8 +376,8 @@ def cmd_evaluate_tuned(a: argparse.Namespace) -> None:
     cfg = section(EvaluateConfig, a.params, "evaluate")
     sets = {name: section(EvalSetSpec, s["eval_set"], f"eval_sets.{name}") for name, s in a.sets.items()}
     alphas = [float(x) for x in a.wise_alphas]
-    if alphas and not a.zeroshot:
-        raise SystemExit("--wise-alphas needs --zeroshot (the α=0 end of the interpolation)")
+    if alphas and not (a.zeroshot and a.wise_out_dir):
+        raise SystemExit("--wise-alphas needs --zeroshot (the α=0 end of the interpolation) and --wise-out-dir")
     _setup_torch(a.threads)
     device = resolve_device(a.device)
     params = {"evaluate": a.params, "sets": a.sets, "classifier": str(a.classifier), "energy_gap": a.energy_gap,
