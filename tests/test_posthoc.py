@@ -22,13 +22,7 @@ from robustify.models.zeroshot import ImageClassifier, ZeroShotHead
 N_CLASSES = 5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny tensors gain nothing from intra-op threads, and on a busy CI box they spin-wait."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def random_head(seed: int, dim: int = 64) -> ZeroShotHead:

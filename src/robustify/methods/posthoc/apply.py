@@ -80,7 +80,8 @@ def soups(
     for m in members:
         m.to(device)
     states = [m.state_dict() for m in members]
-    individual = [val_accuracy(m, val, batch_size, device) for m in members]
+    logits = [_val_logits(m, val, batch_size, device) for m in members]  # once: records and greedy ensemble
+    individual = [accuracy(z, val.labels) for z in logits]
     out: dict[str, tuple[torch.nn.Module, dict[str, Any]]] = {}
     if "uniform-soup" in kinds:
         soup = _with_state(members[0], uniform_soup(states))
@@ -94,7 +95,6 @@ def soups(
         out["greedy-soup"] = (_with_state(members[0], state), {"members": chosen, "trace": trace,
                                                                 "val_accuracy": individual})
     if "greedy-ensemble" in kinds:
-        logits = [_val_logits(m, val, batch_size, device) for m in members]
         chosen = greedy_ensemble(logits, val.labels)
         ensemble = EnsembleClassifier([members[i] for i in chosen]).eval()
         mean = torch.stack([logits[i] for i in chosen]).mean(0)
