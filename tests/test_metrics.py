@@ -53,3 +53,26 @@ def test_metrics_are_dataset_level_not_batch_averaged():
 def test_shape_mismatch_is_an_error():
     with pytest.raises(ValueError, match="do not match"):
         classification_metrics(torch.zeros(3, 2), torch.zeros(4, dtype=torch.long))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_ece_and_top_k_equal_torchmetrics_exactly(seed):
+    """Our ECE / top-k avoid importing torchmetrics in every job; they must give its numbers bit for bit,
+    including confidences of exactly 1 (their own bin in torchmetrics) and the bin edges."""
+    from torchmetrics.functional.classification import multiclass_accuracy, multiclass_calibration_error
+
+    from robustify.eval.metrics import top_k_accuracy
+
+    gen = torch.Generator().manual_seed(seed)
+    logits = torch.randn(997, 12, generator=gen, dtype=torch.float64) * (1 + 4 * seed)
+    logits[:40, 3] = 200.0  # softmax confidence exactly 1.0
+    logits[40:60] = 0.0  # confidence exactly 1/12, on no edge; ties for top-k
+    labels = torch.randint(0, 12, (997,), generator=gen)
+    for bins in (15, 10, 2):
+        ours = ece(logits, labels, bins)
+        ref = multiclass_calibration_error(logits.double().softmax(1), labels, num_classes=12, n_bins=bins,
+                                           norm="l1").item()
+        assert ours == ref
+    for k in (1, 5):
+        ref = multiclass_accuracy(logits[60:], labels[60:], num_classes=12, top_k=k, average="micro").item()
+        assert top_k_accuracy(logits[60:], labels[60:], k) == pytest.approx(ref, abs=1e-7)

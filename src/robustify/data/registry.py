@@ -104,19 +104,27 @@ class Dataset:
         info = read_json(self.root / "dataset.json")
         return list(info["classes"])
 
-    def manifest(self) -> pd.DataFrame:
-        """All items, with `path` resolved (manifest paths are absolute or relative to the root)."""
+    def _read_manifest(self) -> pd.DataFrame:
         if self._manifest is None:
-            df = read_manifest(self.manifest_path, self.required_columns)
-            df = df.copy()
-            # string joins, not pathlib (1.4 s for the mini-world's 72k rows); absolute paths stay as they are
-            root = os.path.join(str(self.root), "")
-            df["path"] = [p if os.path.isabs(p) else root + p for p in df["path"].astype(str)]
-            self._manifest = df
+            self._manifest = read_manifest(self.manifest_path, self.required_columns)
         return self._manifest
 
+    def _resolve(self, df: pd.DataFrame) -> pd.DataFrame:
+        """`path` resolved: manifest paths are absolute or relative to the root. String joins, not
+        pathlib (1.4 s for the mini-world's 72k rows); absolute paths stay as they are."""
+        df = df.copy()
+        root = os.path.join(str(self.root), "")
+        df["path"] = [p if os.path.isabs(p) else root + p for p in df["path"].astype(str)]
+        return df
+
+    def manifest(self) -> pd.DataFrame:
+        """All items, with `path` resolved."""
+        return self._resolve(self._read_manifest())
+
     def select(self, split: str, domain: str | None = None) -> pd.DataFrame:
-        df = self.manifest()
+        """The items of one split (and domain), paths resolved: filtered first, so an evaluation of
+        1 000 test images does not resolve the paths of a 72k-row manifest."""
+        df = self._read_manifest()
         keep = df["split"] == split
         if domain is not None:
             if "domain" not in df.columns:
@@ -125,7 +133,7 @@ class Dataset:
         out = df[keep].reset_index(drop=True)
         if out.empty:
             raise ValueError(f"{self.manifest_path}: no items with split={split!r}, domain={domain!r}")
-        return out
+        return self._resolve(out)
 
     def project_logits(self, logits: torch.Tensor) -> torch.Tensor:
         """Map classifier logits to this dataset's classes (identity when the label spaces agree)."""
