@@ -41,4 +41,4 @@ bench: install
 	python benchmarks/demo_time.py
 
 clean:
-	rm -rf .snakemake data models results/metrics results/tables results/*.parquet results/*.json logs mlflow.db mlartifacts
+	rm -rf .snakemake data models results/metrics results/tables results/*.parquet results/*.json logs mlflow.db mlartifacts .robustify

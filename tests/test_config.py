@@ -44,6 +44,10 @@ def test_default_params_are_valid(default_params):
         (lambda p: p["datasets"].update(inet={"type": "imagenot", "source": "x"}), "datasets.inet.type: unknown dataset type 'imagenot'"),
         (lambda p: p["evaluate"].update(sets=["nope"]), "evaluate.sets: 'nope' is not defined under eval_sets"),
         (lambda p: p["zeroshot"].update(templates="openai_imagenett"), "zeroshot.templates"),
+        (lambda p: p["posthoc"]["wise"].update(runs=["ft", "lipsum"]), "posthoc.wise.runs: 'lipsum' is not a selected key of finetune.runs"),
+        (lambda p: p["posthoc"]["wise"].update(runs="some"), "posthoc.wise.runs"),
+        (lambda p: p["posthoc"]["tpgm"].update(runs=["kd2"]), "posthoc.tpgm.runs: 'kd2' is not a selected key of finetune.runs"),
+        (lambda p: p["finetune"].update(select=["ft"]), "posthoc.tpgm.runs: 'lipsum-ft' is not a selected key"),
     ],
 )
 def test_bad_params_name_the_key(repo, default_params, mutate, named):

@@ -99,7 +99,8 @@ def test_one_mlflow_run_per_job(workdir):
     assert all(r.info.status == "FINISHED" for r in runs)
     evaluate = [r for r in jobs if r.data.tags["stage"] == "evaluate"]
     df = pd.read_parquet(workdir / "results/all_metrics.parquet")
-    assert set(df["run_id"]) == {r.info.run_id for r in evaluate}
+    assert set(df["run_id"]) == {r.data.tags["robustify.run_id"] for r in evaluate}
+    assert not any((workdir / ".robustify/tracking-spool").iterdir())  # every spooled run was loaded
 
 
 def test_second_run_does_nothing_and_param_change_reruns_only_dependents(workdir):
@@ -109,8 +110,11 @@ def test_second_run_does_nothing_and_param_change_reruns_only_dependents(workdir
     override.write_text("evaluate: {ece_bins: 10}\n")
     out = _run([str(BIN / "snakemake"), "-n", "--cores", "2", "all", "--configfile", "params.yaml", str(override)], workdir)
     jobs = [line.split()[1].rstrip(":") for line in out.splitlines() if line.startswith(("rule ", "localrule "))]
-    assert sorted(set(jobs)) == ["all", "evaluate", "evaluate_finetuned", "evaluate_posthoc", "report"]
-    assert jobs.count("evaluate") == 7 and jobs.count("evaluate_finetuned") == 4 and jobs.count("evaluate_posthoc") == 4
+    assert sorted(set(jobs)) == ["all", "evaluate", "evaluate_finetuned", "evaluate_finetuned_alone",
+                                 "evaluate_posthoc", "report"]
+    assert jobs.count("evaluate") == 7 and jobs.count("evaluate_posthoc") == 4
+    # ft ×2 and lipsum-ft sweep WiSE α (posthoc.wise.runs); lp is evaluated alone
+    assert jobs.count("evaluate_finetuned") == 3 and jobs.count("evaluate_finetuned_alone") == 1
 
 
 def test_dvc_repro_records_without_rerunning_then_follows_params(workdir):
@@ -150,6 +154,7 @@ def test_fine_tuning_family_is_trained_evaluated_and_reported(workdir):
     gaps = df[(df["metric"] == "energy_gap") & (df["eval_dataset"] == "miniworld-sketch")].set_index("model_id")["value"]
     assert gaps["wise/tinyclip/ft/s0/a0"] == 0 and gaps["ft/tinyclip/ft/s0"] > 0
     assert gaps["ft/tinyclip/lp/s0"] == 0  # LP leaves the image tower at θ0
+    assert not acc["model_id"].str.startswith("wise/tinyclip/lp/").any()  # lp is not in posthoc.wise.runs
     table = (workdir / "results/tables/finetune.md").read_text()
     assert "| Lipsum-FT |" in table and "| WiSE-FT (α=0.5) on FT |" in table and "TPGM on FT" in table
     assert "\\begin{tabular}" in (workdir / "results/tables/finetune.tex").read_text()

@@ -547,7 +547,12 @@ def cmd_tracking(a: argparse.Namespace) -> None:
 
     if a.action == "init":
         print(tracking.init_store(a.experiment))
+    elif a.action == "sync":
+        n = tracking.sync_spool(finalize=a.finalize, root=a.spool)
+        print(f"{n} spooled run(s) loaded into {tracking.tracking_uri()}")
     else:
+        if not a.run_id:
+            raise SystemExit("robustify tracking finish: --run-id (the pipeline's parent run) is required")
         tracking.finish_pipeline(a.run_id, a.status)
 
 
@@ -711,8 +716,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--schema", default="workflow/schemas/params.schema.yaml")
     p.set_defaults(func=cmd_validate)
 
-    p = sub.add_parser("tracking", help="create the MLflow store / open or close the pipeline run")
-    p.add_argument("action", choices=["init", "finish"])
+    p = sub.add_parser("tracking", help="create the MLflow store, open or close the pipeline run, or load"
+                       " the job runs the pipeline spooled (sync)")
+    p.add_argument("action", choices=["init", "sync", "finish"])
+    p.add_argument("--spool", default=os.environ.get("ROBUSTIFY_TRACKING_SPOOL") or ".robustify/tracking-spool",
+                   help="sync: the spool directory (default: $ROBUSTIFY_TRACKING_SPOOL or the pipeline's)")
+    p.add_argument("--finalize", action="store_true",
+                   help="sync: also load runs that never ended, as KILLED (only when no job can be running)")
     p.add_argument("--experiment", default=os.environ.get("ROBUSTIFY_EXPERIMENT", "robustify"))
     p.add_argument("--run-id")
     p.add_argument("--status", default="FINISHED", choices=["FINISHED", "FAILED", "KILLED"])

@@ -176,6 +176,10 @@ def _finetune_problems(p: Mapping[str, Any], known: set[str]) -> list[str]:
                 missing = sorted(set(post[kind]["seeds"]) - set(seeds[run]))
                 if missing:
                     out.append(f"posthoc.{kind}.seeds: {missing} are not seeds of finetune.runs.{run} ({seeds[run]})")
+    wise_runs = post["wise"]["runs"]
+    for run in [] if wise_runs == "all" or not post["wise"]["alphas"] else wise_runs:
+        if run not in runs:
+            out.append(f"posthoc.wise.runs: '{run}' is not a selected key of finetune.runs ({sorted(runs)})")
     for run in post["soups"]["runs"] if post["soups"]["kinds"] else []:
         if run not in runs:
             out.append(f"posthoc.soups.runs: '{run}' is not a selected key of finetune.runs ({sorted(runs)})")

@@ -9,6 +9,12 @@ from robustify.config import selected_runs, validate_params
 from robustify.corruptions.names import corruption_names, perturbation_names
 from robustify.data.registry import corrupted_type
 
+
+def runs_regex(runs):
+    """A wildcard constraint matching exactly these run names (never matches when there are none)."""
+    return "|".join(re.escape(r) for r in runs) or r"(?!)"
+
+
 # Fails before any job runs, naming the offending key (e.g. "unknown key pretrain.stepz").
 validate_params(
     config, workflow.source_path("../schemas/params.schema.yaml"), source="config"
@@ -24,6 +30,11 @@ os.environ.update(
     ROBUSTIFY_DEVICE=config["device"],
 )
 os.environ.pop("MLFLOW_RUN_ID", None)  # DESIGN §4: a job must never resume another run
+# Jobs spool their MLflow runs here (one small file each, no MLflow import in the job); onsuccess /
+# onerror load them into the store (robustify.tracking). `tracking.spool: false` logs live instead.
+os.environ["ROBUSTIFY_TRACKING_SPOOL"] = (
+    os.path.abspath(".robustify/tracking-spool") if config["tracking"]["spool"] else ""
+)
 
 
 envvars:
@@ -31,6 +42,7 @@ envvars:
     "ROBUSTIFY_PARENT_RUN_ID",
     "ROBUSTIFY_EXPERIMENT",
     "ROBUSTIFY_DEVICE",
+    "ROBUSTIFY_TRACKING_SPOOL",
 
 
 wildcard_constraints:
@@ -45,19 +57,21 @@ wildcard_constraints:
     severity=r"[1-5]",
     shard=r"\d+",
     clf=r"zeroshot/[A-Za-z0-9][A-Za-z0-9_.-]*",  # per-set evaluation; trained models: evaluate_tuned
-    run="|".join(re.escape(k) for k in selected_runs(config["finetune"])) or r"(?!)",
+    run=runs_regex(selected_runs(config["finetune"])),
     seed=r"\d+",
     alpha=r"[0-9.]+",
 
 
 onstart:
-    # Creates mlflow.db once (it is never a DAG input or output) and opens the parent run.
+    # Creates mlflow.db once (it is never a DAG input or output), loads runs an interrupted invocation
+    # left in the spool, and opens the parent run.
     os.environ["ROBUSTIFY_PARENT_RUN_ID"] = (
         shell("robustify tracking init", read=True).strip().splitlines()[-1]
     )
 
 
 onsuccess:
+    # Loads the jobs' spooled runs into MLflow, then closes the parent run.
     shell(
         "robustify tracking finish --run-id $ROBUSTIFY_PARENT_RUN_ID --status FINISHED"
     )
@@ -183,6 +197,13 @@ WISE_ALPHAS = [
     f"{a:g}" for a in POSTHOC["wise"]["alphas"]
 ]  # as the CLI names them: a0.25
 SOUP_KINDS = POSTHOC["soups"]["kinds"] if FT_RUNS else []
+# runs whose evaluation job also sweeps WiSE-FT α (the others are evaluated alone)
+WISE_RUNS = [
+    r
+    for r in FT_RUNS
+    if WISE_ALPHAS
+    and (POSTHOC["wise"]["runs"] == "all" or r in POSTHOC["wise"]["runs"])
+]
 FT_EVAL_SETS = (
     list(config["eval_sets"]) if FT["eval_sets"] == "all" else FT["eval_sets"]
 )
@@ -241,7 +262,7 @@ def tuned_metric_files():
     ]
     return files + [
         f"results/metrics/wise/{FT_MODEL}/{run}/s{seed}/a{a}/{name}.parquet"
-        for run in FT_RUNS
+        for run in WISE_RUNS
         for seed in run_seeds(run)
         for a in WISE_ALPHAS
         for name in FT_EVAL_SETS

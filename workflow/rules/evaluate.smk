@@ -40,9 +40,6 @@ rule evaluate_all:
 
 
 rule evaluate_finetuned:
-    """A fine-tuned run and its WiSE-FT α sweep on every finetune.eval_sets set, one pass per set
-    (each image decoded once for all α), with energy gaps against the zero-shot tower.
-    """
     input:
         clf="models/ft/{model}/{run}/s{seed}/classifier.json",
         zeroshot="models/zeroshot/{model}/classifier.json",
@@ -61,6 +58,11 @@ rule evaluate_finetuned:
         ),
     log:
         "logs/evaluate/ft/{model}/{run}/s{seed}.log",
+    """A fine-tuned run of posthoc.wise.runs and its WiSE-FT α sweep on every finetune.eval_sets set,
+    one pass per set (each image decoded once for all α), with energy gaps against the zero-shot tower.
+    """
+    wildcard_constraints:
+        run=runs_regex(WISE_RUNS),
     conda:
         "../../environment.yml"
     threads: config["resources"]["evaluate"]["threads"]
@@ -78,6 +80,40 @@ rule evaluate_finetuned:
         " {params.gap} --zeroshot {params.zeroshot:q} --wise-alphas {params.alphas:q}"
         " --out-dir results/metrics/ft/{wildcards.model}/{wildcards.run}/s{wildcards.seed}"
         " --wise-out-dir results/metrics/wise/{wildcards.model}/{wildcards.run}/s{wildcards.seed}"
+        " --threads {threads} --wildcard model={wildcards.model} --wildcard run={wildcards.run}"
+        " --wildcard seed={wildcards.seed} > {log:q} 2>&1"
+
+
+rule evaluate_finetuned_alone:
+    input:
+        clf="models/ft/{model}/{run}/s{seed}/classifier.json",
+        manifests=[
+            dataset_manifest(config["eval_sets"][s]["dataset"]) for s in FT_EVAL_SETS
+        ],
+    output:
+        expand(
+            "results/metrics/ft/{{model}}/{{run}}/s{{seed}}/{eval_set}.parquet",
+            eval_set=FT_EVAL_SETS,
+        ),
+    log:
+        "logs/evaluate/ft/{model}/{run}/s{seed}.log",
+    """A fine-tuned run outside posthoc.wise.runs on every finetune.eval_sets set (no α sweep), with
+    energy gaps against the zero-shot tower."""
+    wildcard_constraints:
+        run=runs_regex([r for r in FT_RUNS if r not in WISE_RUNS]),
+    conda:
+        "../../environment.yml"
+    threads: config["resources"]["evaluate"]["threads"]
+    resources:
+        **resources_for("evaluate"),
+    params:
+        cfg=as_json({k: v for k, v in config["evaluate"].items() if k != "sets"}),
+        sets=eval_sets_json(FT_EVAL_SETS),
+        gap=energy_gap_args(),
+        clf=subpath(input.clf, parent=True),
+    shell:
+        "robustify evaluate-tuned --params {params.cfg:q} --classifier {params.clf:q} --sets {params.sets:q}"
+        " {params.gap} --out-dir results/metrics/ft/{wildcards.model}/{wildcards.run}/s{wildcards.seed}"
         " --threads {threads} --wildcard model={wildcards.model} --wildcard run={wildcards.run}"
         " --wildcard seed={wildcards.seed} > {log:q} 2>&1"
 
