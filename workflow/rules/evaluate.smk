@@ -40,6 +40,9 @@ rule evaluate_all:
 
 
 rule evaluate_finetuned:
+    """A fine-tuned run of posthoc.wise.runs and its WiSE-FT α sweep on every finetune.eval_sets set,
+    one pass per set (each image decoded once for all α), with energy gaps against the zero-shot tower.
+    """
     input:
         clf="models/ft/{model}/{run}/s{seed}/classifier.json",
         zeroshot="models/zeroshot/{model}/classifier.json",
@@ -58,9 +61,6 @@ rule evaluate_finetuned:
         ),
     log:
         "logs/evaluate/ft/{model}/{run}/s{seed}.log",
-    """A fine-tuned run of posthoc.wise.runs and its WiSE-FT α sweep on every finetune.eval_sets set,
-    one pass per set (each image decoded once for all α), with energy gaps against the zero-shot tower.
-    """
     wildcard_constraints:
         run=runs_regex(WISE_RUNS),
     conda:
@@ -85,6 +85,8 @@ rule evaluate_finetuned:
 
 
 rule evaluate_finetuned_alone:
+    """A fine-tuned run outside posthoc.wise.runs on every finetune.eval_sets set (no α sweep), with
+    energy gaps against the zero-shot tower."""
     input:
         clf="models/ft/{model}/{run}/s{seed}/classifier.json",
         manifests=[
@@ -97,8 +99,6 @@ rule evaluate_finetuned_alone:
         ),
     log:
         "logs/evaluate/ft/{model}/{run}/s{seed}.log",
-    """A fine-tuned run outside posthoc.wise.runs on every finetune.eval_sets set (no α sweep), with
-    energy gaps against the zero-shot tower."""
     wildcard_constraints:
         run=runs_regex([r for r in FT_RUNS if r not in WISE_RUNS]),
     conda:
