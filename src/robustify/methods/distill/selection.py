@@ -73,15 +73,15 @@ def _modes_restored(module: nn.Module) -> Iterator[None]:
 
 
 @contextmanager
-def mc_dropout(module: nn.Module) -> Iterator[nn.Module]:
-    """Only dropout layers in train mode, everything else eval (BatchNorm uses and keeps its running
-    statistics), for MC-dropout passes; the previous per-module modes are restored afterwards, also
-    on error."""
+def mc_dropout(module: nn.Module, types: tuple[type[nn.Module], ...] = DROPOUT_TYPES) -> Iterator[nn.Module]:
+    """Only dropout layers (of `types`) in train mode, everything else eval (BatchNorm uses and keeps its
+    running statistics), for MC-dropout passes; the previous per-module modes are restored afterwards,
+    also on error. `types=()` puts everything in eval."""
     _require_module(module)
     with _modes_restored(module):
         module.eval()
         for m in module.modules():
-            if isinstance(m, DROPOUT_TYPES):
+            if isinstance(m, types):
                 m.train()
         yield module
 

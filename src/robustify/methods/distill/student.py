@@ -35,8 +35,8 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
 import torch
@@ -46,6 +46,7 @@ from timm.models.resnet import ResNet as TimmResNet
 from timm.models.vision_transformer import VisionTransformer as TimmViT
 from torch import nn
 
+from robustify.methods.distill import selection
 from robustify.models.zeroshot import ImageClassifier, ZeroShotHead
 
 HEADS: tuple[str, ...] = ("clean", "unclean", "combined")
@@ -373,22 +374,12 @@ class ThreeHeadStudent(nn.Module):
         return sum(p.numel() for p in self.trainable_parameters())
 
 
-@contextmanager
-def mc_dropout(model: nn.Module, enabled: bool = True) -> Iterator[nn.Module]:
+def mc_dropout(model: nn.Module, enabled: bool = True) -> AbstractContextManager[nn.Module]:
     """Everything in eval mode except, when `enabled`, the `TunableDropout` layers (MC-dropout passes);
     every module's previous mode is restored on exit.
 
-    Unlike `selection.mc_dropout`, which switches every dropout type, only the paper's dropout fires:
-    the library's own dropouts inside copied blocks (timm attn/proj/head drop) keep eval behaviour.
+    Unlike `selection.mc_dropout`'s default, which switches every dropout type, only the paper's
+    dropout fires: the library's own dropouts inside copied blocks (timm attn/proj/head drop) keep eval
+    behaviour.
     """
-    saved = [(m, m.training) for m in model.modules()]
-    try:
-        model.eval()
-        if enabled:
-            for m in model.modules():
-                if isinstance(m, TunableDropout):
-                    m.train()
-        yield model
-    finally:
-        for m, mode in saved:
-            m.training = mode
+    return selection.mc_dropout(model, types=(TunableDropout,) if enabled else ())
