@@ -337,8 +337,9 @@ def test_apt_loss_is_plain_cross_entropy():
 
 def test_variants_registry_and_teacher_masks_cover_every_loss():
     aug = torch.tensor(AUG)
-    assert set(VARIANTS) == {"three-head", "single-teacher", "only-kd", "combined-head", "apt"}
+    assert set(VARIANTS) == {"three-head", "three-head-no-kd", "single-teacher", "only-kd", "combined-head", "apt"}
     assert teacher_masks("apt", aug) == {"clean": None, "robust": None}
+    assert teacher_masks("three-head-no-kd", aug) == {"clean": None, "robust": None}
     m = teacher_masks("combined-head", aug)
     assert torch.equal(m["clean"], ~aug) and torch.equal(m["robust"], aug)
 

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from robustify.config import ModelSpec
 from robustify.io import load_safetensors, save_safetensors
 from robustify.methods.finetune import (
+    method_accepts,
     Batch, FineTuneConfig, ImageData, METHODS, RunContext, augment_batch, finetune, frozen_features, make_method,
     training_layout, tuned_and_reference,
 )
@@ -261,7 +262,10 @@ def test_channels_last_training_matches_the_default_layout(world: dict, tmp_path
 # ---------------------------------------------------------------------------- the loop
 def test_every_method_is_registered_and_unknown_ones_are_named() -> None:
     make_method("ft")
-    assert set(METHODS) == {"ft", "scratch-ft", "lp", "lp-ft", "ema", "l2sp", "kd", "car-ft", "featkd", "lipsum-ft"}
+    assert set(METHODS) == {"ft", "scratch-ft", "lp", "lp-ft", "ema", "l2sp", "kd", "car-ft", "featkd", "lipsum-ft",
+                            "vpt-shallow", "vpt-deep", "zs-ft", "augmix-jsd", "three-head", "three-head-no-kd",
+                            "single-teacher", "only-kd", "combined-head", "apt"}
+    assert method_accepts("three-head", "teacher") and not method_accepts("ft", "teacher")
     with pytest.raises(ValueError, match="unknown fine-tuning method 'nope'"):
         make_method("nope")
     with pytest.raises(ValueError, match="method 'kd'"):

@@ -174,8 +174,10 @@ def evaluate_models(
 
 def _tower(module: nn.Module) -> nn.Module:
     """The image tower whose eval transform the set goes through (ensembles: their first member's)."""
-    if isinstance(module, ImageClassifier):
-        return module.encoder
+    if isinstance(module, ImageClassifier):  # a VPT run's PromptedTower wraps the tower as `.tower`
+        return getattr(module.encoder, "tower", module.encoder)
+    if getattr(module, "tower", None) is not None:  # a student's head (methods.distill.method.HeadView)
+        return module.tower
     members = getattr(module, "members", None)
     if members:
         return _tower(members[0])

@@ -175,6 +175,23 @@ class RunContext:
     device: str
 
 
+@dataclass(frozen=True)
+class StepInfo:
+    """Where a rank's rows sit in step `step`'s global batch: rows `first:first + n` of `total`. A method's
+    per-step draws (`prepare`) are made for the whole global batch and sliced, so a DDP rank prepares its
+    rows exactly as a single process would and the batch is a function of (seed, step)."""
+
+    step: int
+    seed: int
+    first: int
+    total: int
+    mean: tuple[float, ...]  # the train source's normalisation, to map images back to [0, 1]
+    std: tuple[float, ...]
+
+    def generator(self, *words: int) -> torch.Generator:
+        return step_generator(self.seed, 5, self.step, *words)
+
+
 @dataclass
 class Batch:
     """What a method sees of one step: inputs, the tuned model's outputs, and lazily the reference's."""
@@ -186,6 +203,7 @@ class Batch:
     step: int
     seed: int
     reference: ImageClassifier
+    extras: dict[str, Any] = field(default_factory=dict)  # what the method's `prepare` and `forward` passed on
     _ref_features: torch.Tensor | None = None
 
     @property
@@ -209,13 +227,18 @@ class Batch:
 class FineTuneMethod:
     """Base of every fine-tuning method: plain FT (zero-shot head init, CE only).
 
-    Subclasses override what they change: `setup` (initialisation, LP phases), `extra_loss` (the
-    regulariser λ·R and its logs), `on_step_end` (EMA), `eval_model` (which weights are evaluated
-    and saved), and `state_dict`/`load_state_dict` for any state a resume must restore.
+    Subclasses override what they change: `setup` (initialisation, LP phases; it may return another
+    module to train, e.g. a partially tuned student built around the classifier), `prepare` (per-step
+    input transforms such as AugMix views, timed apart from the step like data loading), `forward`
+    (a model whose outputs are not one logits tensor), `extra_loss` (the regulariser λ·R and its logs),
+    `on_step_end` (EMA), `eval_model` (which weights are evaluated and saved), and
+    `state_dict`/`load_state_dict` for any state a resume must restore. `ce_on_logits = False` drops the
+    loop's cross-entropy: the method's `extra_loss` is then the whole loss (routed multi-head losses).
     """
 
     name: ClassVar[str] = "ft"
     trains_encoder: ClassVar[bool] = True
+    ce_on_logits: ClassVar[bool] = True
 
     def __init__(self, **params: Any) -> None:
         if params:
@@ -225,8 +248,20 @@ class FineTuneMethod:
     def params(self) -> dict[str, Any]:
         return {}
 
-    def setup(self, model: ImageClassifier, run: RunContext) -> None:
-        """Called once before the loop (also on resume, before the checkpoint is loaded)."""
+    def setup(self, model: ImageClassifier, run: RunContext) -> nn.Module | None:
+        """Called once before the loop (also on resume, before the checkpoint is loaded). A returned
+        module is trained instead of `model` (its parameters that require grad are optimised)."""
+        return None
+
+    def prepare(self, images: torch.Tensor, labels: torch.Tensor, info: StepInfo) -> tuple[torch.Tensor, dict[str, Any]]:
+        """The step's (normalised, augmented) images → the images to train on and extras for `forward`
+        and `extra_loss` (`Batch.extras`)."""
+        return images, {}
+
+    def forward(self, net: nn.Module, images: torch.Tensor, extras: dict[str, Any]) -> tuple[torch.Tensor | None, Any] | None:
+        """(features, logits) of the trained module `net` (DDP-wrapped under DDP); None = the loop's
+        encoder → head forward."""
+        return None
 
     def extra_loss(self, batch: Batch, model: ImageClassifier, text: TextSide | None) -> tuple[torch.Tensor | None, dict[str, float]]:
         return None, {}
@@ -271,6 +306,16 @@ def make_method(name: str, params: dict[str, Any] | None = None) -> FineTuneMeth
         raise ValueError(f"method '{name}': {e}") from None
 
 
+def method_accepts(name: str, param: str) -> bool:
+    """Whether the registered method `name` takes the parameter `param` (e.g. a distillation teacher)."""
+    import inspect
+
+    import robustify.methods.regularizers  # noqa: F401  (registers the methods)
+
+    cls = METHODS.get(name)
+    return cls is not None and param in inspect.signature(cls.__init__).parameters
+
+
 # ------------------------------------------------------------------------------------------ loop
 @dataclass
 class FineTuneResult:
@@ -280,7 +325,8 @@ class FineTuneResult:
     history: list[dict[str, float]]
     train_seconds: float
     steps_run: int
-    step_times: list[float] = field(default_factory=list)
+    step_times: list[float] = field(default_factory=list)  # per step, without `prepare` (data work)
+    prep_times: list[float] = field(default_factory=list)  # per step, the method's `prepare`
 
 
 def _dist() -> tuple[int, int]:
@@ -382,8 +428,10 @@ def finetune(
               if layout == torch.channels_last and not _is_channels_last(tower)]  # inside LP-FT) are left so
     for tower in relaid:  # before `setup`: EMA's copy and L2SP's anchor share the layout
         tower.to(memory_format=layout)
-    method.setup(model, RunContext(reference, text, train, val, cfg, seed, device))
-    if not method.trains_encoder:
+    trained = method.setup(model, RunContext(reference, text, train, val, cfg, seed, device))
+    if trained is not None:
+        model = trained.to(device)
+    elif not method.trains_encoder:
         for p in model.encoder.parameters():
             p.requires_grad_(False)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -416,7 +464,7 @@ def finetune(
     else:  # a head on cached features is cheap: every rank takes the same whole-batch step
         cached = _cached_features(model.encoder, train, cfg.eval_batch_size, device)
         feed = _feature_batches(cached, train.labels, seed, start, end, cfg.batch_size)
-    t0, step_times, losses = time.perf_counter(), [], []
+    t0, step_times, prep_times, losses = time.perf_counter(), [], [], []
     with contextlib.closing(feed):  # a streamed source's workers stop with the run
         for step in range(start, end):
             t_step = time.perf_counter()
@@ -436,15 +484,30 @@ def finetune(
                 else:
                     images = augment_batch(train.normalise(inputs, device), cfg.augment, cfg.shift_px,
                                            step_generator(seed, 2, step), rank * per_rank, cfg.batch_size)
+                    t_prep = time.perf_counter()
+                    images, extras = method.prepare(images, labels, StepInfo(
+                        step, seed, rank * per_rank, cfg.batch_size, tuple(train.mean), tuple(train.std)))
+                    if is_cuda:
+                        torch.cuda.synchronize(device)
+                    prep_times.append(time.perf_counter() - t_prep)
                     images = images.contiguous(memory_format=layout)
-                    if world > 1:  # DDP must see the whole forward to reduce the gradients
+                    custom = method.forward(net, images, extras)
+                    if custom is not None:
+                        features, logits = custom
+                    elif world > 1:  # DDP must see the whole forward to reduce the gradients
                         features, logits = _ddp_forward(net, images)
                     else:
                         features = model.encoder(images)
                         logits = model.head(features)
-                ce = F.cross_entropy(logits.float(), labels, label_smoothing=cfg.label_smoothing)
-                batch = Batch(images, labels, features, logits, step, seed, reference)
+                if method.ce_on_logits:
+                    ce = F.cross_entropy(logits.float(), labels, label_smoothing=cfg.label_smoothing)
+                else:
+                    ce = torch.zeros((), device=labels.device)
+                batch = Batch(images, labels, features, logits, step, seed, reference,
+                              extras if cached is None else {})
                 extra, extra_logs = method.extra_loss(batch, model, text)
+                if extra is None and not method.ce_on_logits:
+                    raise ValueError(f"method '{method.name}' drops the loop's cross-entropy but returned no loss")
                 loss = ce if extra is None else ce + extra
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
@@ -457,8 +520,8 @@ def finetune(
             method.on_step_end(model, step)
             if is_cuda:  # the step's kernels are queued asynchronously: time them, not their launch
                 torch.cuda.synchronize(device)
-            step_times.append(time.perf_counter() - t_step)
-            losses.append({"loss": loss.item(), "ce": ce.item(), **extra_logs})
+            step_times.append(time.perf_counter() - t_step - (prep_times[-1] if cached is None else 0.0))
+            losses.append({"loss": loss.item(), **({"ce": ce.item()} if method.ce_on_logits else {}), **extra_logs})
             done = step + 1
             if cfg.eval_every and done % cfg.eval_every == 0 or done == cfg.steps:
                 acc = val_accuracy(method.eval_model(model), val, cfg.eval_batch_size, device)
@@ -484,7 +547,8 @@ def finetune(
         final.load_state_dict(best_state)
     if resume_path is not None and rank == 0 and end == cfg.steps:
         resume_path.unlink(missing_ok=True)
-    return FineTuneResult(final, best_step, best_acc, history, time.perf_counter() - t0, end - start, step_times)
+    return FineTuneResult(final, best_step, best_acc, history, time.perf_counter() - t0, end - start, step_times,
+                          prep_times)
 
 
 def _feature_batches(cached: torch.Tensor, labels: torch.Tensor, seed: int, start: int, stop: int,

@@ -100,3 +100,59 @@ def timm_transform(model: torch.nn.Module, **overrides: Any) -> Any:
     """
     config = resolve_data_config(dict(overrides), model=model)
     return create_transform(**config, is_training=False)
+
+
+# ------------------------------------------------------------------ timm models as ImageClassifiers
+class TimmEncoder(torch.nn.Module):
+    """A timm classifier's feature part, `forward_head(forward_features(x), pre_logits=True)`, so that
+    `ImageClassifier(TimmEncoder(m), m.get_classifier())` computes `m(x)` and the fine-tuning loop,
+    the evaluator and the distillation teachers treat timm and open_clip towers alike.
+
+    `preprocess_cfg` is in open_clip's format (size, mean, std, interpolation): the training data and
+    the eval transform read it as they read a CLIP tower's. `image_size` overrides timm's default input
+    size (a random-init teacher of the 32-px mini-world)."""
+
+    def __init__(self, model: torch.nn.Module, image_size: int | None = None) -> None:
+        super().__init__()
+        self.model = model
+        cfg = resolve_data_config({}, model=model)
+        size = int(image_size) if image_size is not None else int(cfg["input_size"][-1])
+        self.preprocess_cfg = {"size": size, "mean": tuple(cfg["mean"]), "std": tuple(cfg["std"]),
+                               "interpolation": cfg.get("interpolation", "bicubic"), "resize_mode": "shortest"}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.forward_head(self.model.forward_features(x), pre_logits=True)
+
+
+def timm_classifier(model: torch.nn.Module, image_size: int | None = None) -> Any:
+    """`ImageClassifier` view of a timm model (the head is the model's own classifier module)."""
+    from robustify.models.zeroshot import ImageClassifier
+
+    return ImageClassifier(TimmEncoder(model, image_size), model.get_classifier())
+
+
+def save_timm_classifier(out_dir: str | Path, classifier: Any, arch: str, info: dict[str, Any]) -> None:
+    """A timm classifier directory: `model.safetensors` (the whole timm model, loadable by `create_timm`)
+    + `classifier.json` (family timm, arch, input size, and `info`)."""
+    from robustify.io import save_safetensors, write_json
+
+    out_dir = Path(out_dir)
+    encoder = classifier.encoder
+    if not isinstance(encoder, TimmEncoder):
+        raise TypeError(f"save_timm_classifier: expected a TimmEncoder tower, got {type(encoder).__name__}")
+    state = {k: v.contiguous() for k, v in encoder.model.state_dict().items()}
+    save_safetensors(out_dir / "model.safetensors", state, metadata={"arch": arch})
+    write_json(out_dir / "classifier.json", {
+        **info, "family": "timm", "arch": arch, "weights": "model.safetensors", "head_type": "timm",
+        "image_size": encoder.preprocess_cfg["size"], "num_classes": int(encoder.model.num_classes)})
+
+
+def load_timm_classifier(clf_dir: str | Path, info: dict[str, Any]) -> Any:
+    """The `ImageClassifier` of a directory written by `save_timm_classifier`."""
+    clf_dir = Path(clf_dir)
+    for key in ("arch", "weights"):
+        if key not in info:
+            raise ValueError(f"{clf_dir / 'classifier.json'}: missing key '{key}'")
+    model = create_timm(ModelSpec("timm", info["arch"]), checkpoint=clf_dir / info["weights"],
+                        num_classes=info.get("num_classes"))
+    return timm_classifier(model, info.get("image_size")).eval()

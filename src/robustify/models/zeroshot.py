@@ -154,6 +154,11 @@ def load_classifier(clf_dir: str | Path, with_clip: bool = False) -> tuple[nn.Mo
             raise ValueError(f"{clf_dir / 'classifier.json'}: an ensemble needs 'members'")
         ensemble = EnsembleClassifier([x[0] for x in loaded]).eval()
         return (ensemble, info, loaded[0][2]) if with_clip else (ensemble, info)
+    if info.get("family") == "timm":  # a timm classifier (the distillation teachers): no CLIP behind it
+        from robustify.models.timm_models import load_timm_classifier
+
+        classifier = load_timm_classifier(clf_dir, info)
+        return (classifier, info, None) if with_clip else (classifier, info)
     for key in ("family", "arch", "checkpoint", "head"):
         if key not in info:
             raise ValueError(f"{clf_dir / 'classifier.json'}: missing key '{key}'")
@@ -164,7 +169,15 @@ def load_classifier(clf_dir: str | Path, with_clip: bool = False) -> tuple[nn.Mo
             import copy
 
             encoder = copy.deepcopy(clip.visual)
-        encoder.load_state_dict(load_safetensors(clf_dir / info["encoder"]), strict=True)
+        state = load_safetensors(clf_dir / info["encoder"])
+        if "prompts" in state:  # a VPT run's tower: the prompts + the frozen tower under `tower.`
+            from robustify.methods.regularizers.vpt import PromptedTower, is_prompted_state  # the method owns its format
+
+            if is_prompted_state(state):
+                encoder = PromptedTower.from_state_dict(encoder, state)
+                state = None
+        if state is not None:
+            encoder.load_state_dict(state, strict=True)
     state = load_safetensors(clf_dir / info["head"])
     head = ZeroShotHead(state["weight"], state["logit_scale"], state["ctx"])
     classifier = ImageClassifier(encoder, head).eval()

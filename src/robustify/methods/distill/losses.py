@@ -79,6 +79,7 @@ class Variant:
 
 VARIANTS: dict[str, Variant] = {v.name: v for v in (
     Variant("three-head", True, "clean", "robust"),        # ours (Eqs. 3–5)
+    Variant("three-head-no-kd", True, None, None),         # App. A "Ours w/o K.D.": the heads and routing, CE only
     Variant("single-teacher", True, "robust", "robust"),   # three heads, T_robust everywhere
     Variant("only-kd", False, "robust", "robust"),         # one head, T_robust everywhere
     Variant("combined-head", False, "clean", "robust"),    # one head, both teachers

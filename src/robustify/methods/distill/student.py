@@ -305,10 +305,13 @@ class ThreeHeadStudent(nn.Module):
     """
 
     def __init__(self, split: TowerSplit, classifier: nn.Module, dropout: float = 0.25,
-                 classifier_trainable: bool | None = None) -> None:
+                 classifier_trainable: bool | None = None, heads: Sequence[str] = HEADS) -> None:
         super().__init__()
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        heads = tuple(heads)
+        if not heads or len(set(heads)) != len(heads) or any(h not in HEADS for h in heads):
+            raise ValueError(f"heads must be distinct names from {list(HEADS)}, got {list(heads)}")
         self.kind, self.dropout = split.view.kind, float(dropout)
         self.prefix = _Prefix(split.view.pre, split.frozen_layers).requires_grad_(False)
         self.shared = _tunable(split.shared_layers, dropout)
@@ -316,13 +319,13 @@ class ThreeHeadStudent(nn.Module):
         self.heads = nn.ModuleDict({
             name: _Head(_tunable(split.head_layers, dropout), copy.deepcopy(split.view.post).requires_grad_(True),
                         copy.deepcopy(classifier).requires_grad_(trainable))
-            for name in HEADS
+            for name in heads
         })
         self.train()
 
     @classmethod
     def from_model(cls, model: nn.Module, fraction_tuned: float, head_fraction: float = 0.2, dropout: float = 0.25,
-                   classifier_trainable: bool | None = None) -> ThreeHeadStudent:
+                   classifier_trainable: bool | None = None, heads: Sequence[str] = HEADS) -> ThreeHeadStudent:
         """From an `ImageClassifier` (open_clip tower + head) or a timm classifier (tower = the model,
         classifier = its `get_classifier()`)."""
         if isinstance(model, ImageClassifier):
@@ -332,7 +335,7 @@ class ThreeHeadStudent(nn.Module):
         else:
             raise TypeError(f"cannot take tower and classifier from {type(model).__qualname__}: pass an ImageClassifier "
                             "or a timm VisionTransformer/ResNet, or build with ThreeHeadStudent(split_tower(...), classifier)")
-        return cls(split_tower(tower, fraction_tuned, head_fraction), classifier, dropout, classifier_trainable)
+        return cls(split_tower(tower, fraction_tuned, head_fraction), classifier, dropout, classifier_trainable, heads)
 
     def train(self, mode: bool = True) -> ThreeHeadStudent:
         """The tunable part follows `mode`; the prefix stays in eval, so the frozen backbone's
@@ -355,12 +358,17 @@ class ThreeHeadStudent(nn.Module):
         """Logits per requested head: the shared section once, then each head."""
         unknown = [h for h in heads if h not in self.heads]
         if unknown:
-            raise ValueError(f"unknown heads {unknown} (known: {list(HEADS)})")
+            raise ValueError(f"unknown heads {unknown} (this student has: {list(self.heads)})")
         z = self.shared(features)
         return {h: self.heads[h](z) for h in heads}
 
-    def forward(self, x: torch.Tensor, heads: Sequence[str] = HEADS) -> dict[str, torch.Tensor]:
-        return self.forward_from_features(self.features(x), heads)
+    def forward(self, x: torch.Tensor, heads: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
+        return self.forward_from_features(self.features(x), tuple(self.heads) if heads is None else heads)
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """The state that is not the pre-trained tower's: shared section and heads (what a run saves;
+        the frozen prefix is the tower's own weights, loaded from its checkpoint)."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("prefix.")}
 
     def section_parameters(self) -> dict[str, list[nn.Parameter]]:
         """Trainable parameters by section: "shared", then one entry per head."""
