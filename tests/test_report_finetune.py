@@ -188,7 +188,7 @@ def test_claims_pass_on_the_synthetic_results(df):
     assert "FT shift mean 36.50% (3 seeds) vs zero-shot 45.00%" in v["ft-lowers-shift"][1]
     assert "best: Greedy soup of Lipsum-FT shift mean 51.00% vs Lipsum-FT 43.50%" in v["posthoc-on-lipsum"][1]
     assert "|Δ| = 0.00 points" in v["lipsum-beats-ft"][1]
-    md = claims_markdown(df)
+    md = claims_markdown(df, lipsum_ft_claims())
     assert md.count("- **PASS** — ") == 4 and "**Summary:** 4 PASS, 0 FAIL, 0 NOT RUN" in md
 
 
@@ -203,7 +203,7 @@ def test_claims_fail_on_constructed_numbers():
     assert _verdicts(worse, "lipsum-beats-ft")["lipsum-beats-ft"][0] is False
     v = _verdicts(build(soup=(0.85, 0.40, 0.30), wise_bump=-0.2, tpgm_shift=-0.01), "posthoc-on-lipsum")
     assert v["posthoc-on-lipsum"][0] is False and "best: TPGM on Lipsum-FT" in v["posthoc-on-lipsum"][1]
-    md = claims_markdown(build(zs=(0.60, 0.30, 0.20)))
+    md = claims_markdown(build(zs=(0.60, 0.30, 0.20)), lipsum_ft_claims())
     assert "- **FAIL** — Fine-tuning (FT) lowers" in md
     assert f"{md.count('- **PASS**')} PASS, {md.count('- **FAIL**')} FAIL, 0 NOT RUN" in md
 
@@ -216,13 +216,14 @@ def test_claims_not_run_when_rows_are_missing():
     v = _verdicts(build(with_lipsum_posthoc=False))
     assert v["posthoc-on-lipsum"] == (None, "no shift-mean accuracy for any post-hoc method on Lipsum-FT in the "
                                             "results")
-    md = claims_markdown(build(with_ft=False))
+    md = claims_markdown(build(with_ft=False), lipsum_ft_claims())
     assert md.count("**NOT RUN**") == 3 and "1 PASS, 0 FAIL, 3 NOT RUN" in md
 
 
 def test_claim_registry_is_open(df):
     extra = Claim("other/always", "Something else holds", lambda frame: (None, "not measured"), "other")
-    md = claims_markdown(df, [*all_claims(wise_alpha=0.5), extra])
+    assert {c.paper for c in all_claims(wise_alpha=0.5)} == {"lipsum-ft", "efficiently-robustify"}
+    md = claims_markdown(df, [*lipsum_ft_claims(wise_alpha=0.5), extra])
     assert "## Other" not in md and "## other" in md
     assert "- **NOT RUN** — Something else holds: not measured" in md
     assert "4 PASS, 0 FAIL, 1 NOT RUN (of 5 claims)" in md
@@ -267,7 +268,7 @@ def test_zero_shot_only_frame_writes_nothing(df, tmp_path):
 
 def test_report_without_posthoc_or_energy_gap(df, tmp_path):
     small = df[df["method"].isin(["zeroshot", "ft"]) & (df["metric"] != "energy_gap")]
-    paths = write_finetune_report(small, tmp_path)
+    paths = write_finetune_report(small, tmp_path, claims=lipsum_ft_claims())
     assert all(p.stat().st_size > 0 for p in paths.values())
     claims = paths["claims"].read_text()
     assert claims.count("**PASS**") == 1 and claims.count("**NOT RUN**") == 3

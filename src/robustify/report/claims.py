@@ -236,3 +236,5 @@ def claims_markdown(df: pd.DataFrame, claims: Sequence[Claim] | None = None) -> 
     parts += [f"**Summary:** {counts['PASS']} PASS, {counts['FAIL']} FAIL, {counts['NOT RUN']} NOT RUN "
               f"(of {len(results)} claims).", ""]
     return "\n".join(parts)
+
+import robustify.report.distill  # noqa: E402,F401  (registers the "Efficiently Robustify" claims)
