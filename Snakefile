@@ -15,6 +15,7 @@ include: "workflow/rules/pretrain.smk"
 include: "workflow/rules/zeroshot.smk"
 include: "workflow/rules/finetune.smk"
 include: "workflow/rules/posthoc.smk"
+include: "workflow/rules/distill.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/report.smk"
 

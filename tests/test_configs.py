@@ -90,10 +90,53 @@ def test_config_dry_runs(repo, tmp_path, config):
     assert n_corrupt == expected  # ObjectNet-C: 15 corruptions x 5 severities x 20 shards, built here
     n_sources = sum(1 for line in out.splitlines() if line.startswith("rule corrupt_sources:"))
     assert n_sources == sum(params["corrupt"][k]["shards"] for k in built)  # each shard decoded once
+    if params["distill"]["student"] is None:
+        assert not jobs & {"teacher", "distill", "evaluate_distilled"}
+    else:
+        _check_distill_plan(params, _jobs(out))
+    if config.stem.startswith("distill-"):  # the paper's Table 1 setting (App. G hyper-parameters)
+        d = params["distill"]
+        assert params["models"][d["student"]]["arch"] == "ViT-L-14-336"
+        assert params["models"][params["teachers"][d["teacher"]]["model"]]["arch"].startswith("vit_base_patch16_224")
+        assert {k: d["recipe"][k] for k in ("batch_size", "lr", "weight_decay")} == {"batch_size": 256, "lr": 1e-3,
+                                                                                     "weight_decay": 0.0}
+        assert {k: d["defaults"][k] for k in ("a", "dropout", "head_fraction")} == {"a": 0.5, "dropout": 0.25,
+                                                                                    "head_fraction": 0.2}
+        assert params["teachers"][d["teacher"]]["params"]["jsd_weight"] == 12
     if params["finetune"]["model"] is None:
         assert not jobs & {"finetune", "evaluate_finetuned", "tpgm", "soups", "evaluate_posthoc"}
         return
     _check_finetune_plan(params, config.stem, _jobs(out))
+
+
+PARTIAL = {"three-head", "three-head-no-kd", "single-teacher", "only-kd", "combined-head", "apt"}
+
+
+def _check_distill_plan(params: dict, jobs: list[dict[str, str]]) -> None:
+    """One teacher job with its recipe; every distill run x seed once, with distill.defaults under the run's
+    params for the partial-tuning methods, the teacher handed over, and the configured resources."""
+    d, res = params["distill"], params["resources"]
+    runs = _selected_runs(d)
+    by_rule: dict[str, list[dict[str, str]]] = {}
+    for job in jobs:
+        by_rule.setdefault(job["rule"], []).append(job)
+    (teacher,) = by_rule["teacher"]
+    assert _fields(teacher["wildcards"])["teacher"] == d["teacher"]
+    spec = params["teachers"][d["teacher"]]
+    assert json.loads(_option(teacher["shell"], "--params")) == spec["recipe"]
+    assert json.loads(_option(teacher["shell"], "--method-params")) == spec.get("params", {})
+    assert json.loads(_option(teacher["shell"], "--model-spec"))["family"] == "timm"
+    planned = sorted((w["drun"], int(w["seed"])) for w in (_fields(j["wildcards"]) for j in by_rule["distill"]))
+    assert planned == sorted((run, seed) for run, r in runs.items() for seed in r.get("seeds", [0]))
+    assert len(by_rule["evaluate_distilled"]) == len(planned) + 1  # + the teacher
+    for job in by_rule["distill"]:
+        run = runs[_fields(job["wildcards"])["drun"]]
+        base = d["defaults"] if run["method"] in PARTIAL else {}
+        assert json.loads(_option(job["shell"], "--method-params")) == {**base, **run.get("params", {})}
+        assert json.loads(_option(job["shell"], "--params")) == {**d["recipe"], **run.get("recipe", {})}
+        assert _option(job["shell"], "--teacher") == f"models/teachers/{d['teacher']}"
+        got = _fields(job["resources"])
+        assert (int(got["gpu"]), int(got["runtime"])) == (res["distill"]["gpu"], res["distill"]["runtime"])
 
 
 def _check_finetune_plan(params: dict, stem: str, jobs: list[dict[str, str]]) -> None:
@@ -102,7 +145,10 @@ def _check_finetune_plan(params: dict, stem: str, jobs: list[dict[str, str]]) ->
     by_rule: dict[str, list[dict[str, str]]] = {}
     for job in jobs:
         by_rule.setdefault(job["rule"], []).append(job)
-    assert {"finetune", "evaluate_finetuned", "tpgm", "soups", "evaluate_posthoc"} <= set(by_rule)
+    n_tpgm = sum(len(post[k]["runs"]) * len(post[k]["seeds"]) for k in ("tpgm", "tpgm-c"))
+    n_soups = len(post["soups"]["runs"]) if post["soups"]["kinds"] else 0
+    assert {"finetune", "evaluate_finetuned"} <= set(by_rule)
+    assert ("tpgm" in by_rule) == (n_tpgm > 0) and ("soups" in by_rule) == (n_soups > 0)
     # every run x seed once, nothing else (in particular no mini-world run or recipe leaks into the config)
     planned = sorted((w["run"], int(w["seed"])) for w in (_fields(j["wildcards"]) for j in by_rule["finetune"]))
     assert planned == sorted((run, seed) for run, spec in runs.items() for seed in spec.get("seeds", [0]))
@@ -117,11 +163,10 @@ def _check_finetune_plan(params: dict, stem: str, jobs: list[dict[str, str]]) ->
         got = _fields(job["resources"])
         assert (int(got["gpu"]), int(got["runtime"]), int(got["mem_mb"])) == (
             res["finetune"]["gpu"], res["finetune"]["runtime"], res["finetune"]["mem_mb"])
-    n_tpgm = sum(len(post[k]["runs"]) * len(post[k]["seeds"]) for k in ("tpgm", "tpgm-c"))
-    assert len(by_rule["tpgm"]) == n_tpgm
-    assert len(by_rule["soups"]) == len(post["soups"]["runs"])
-    assert len(by_rule["evaluate_posthoc"]) == n_tpgm + len(post["soups"]["runs"]) * len(post["soups"]["kinds"])
-    for job in by_rule["tpgm"]:
+    assert len(by_rule.get("tpgm", [])) == n_tpgm
+    assert len(by_rule.get("soups", [])) == n_soups
+    assert len(by_rule.get("evaluate_posthoc", [])) == n_tpgm + n_soups * len(post["soups"]["kinds"])
+    for job in by_rule.get("tpgm", []):
         kind = _fields(job["wildcards"])["kind"]
         assert json.loads(_option(job["shell"], "--params")) == post[kind]["params"]
         assert _option(job["shell"], "--val-split") == ft["val_split"]

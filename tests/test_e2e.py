@@ -87,11 +87,11 @@ def test_one_mlflow_run_per_job(workdir):
     exp = client.get_experiment_by_name("robustify-ci")
     runs = client.search_runs([exp.experiment_id])
     stages = sorted(r.data.tags["stage"] for r in runs)
-    # evaluate: 7 zero-shot sets, 4 fine-tuned runs (+ their WiSE sweeps), 4 post-hoc models;
-    # posthoc: TPGM, TPGM-C, one soups job
-    expected = (["corrupt"] * 30 + ["corrupt_merge"] + ["corrupt_sources"] * 2 + ["evaluate"] * 15
-                + ["finetune"] * 4 + ["miniworld", "perturb", "perturb", "perturb", "perturb_merge", "pipeline"]
-                + ["posthoc"] * 3 + ["pretrain", "report", "zeroshot"])
+    # evaluate: 7 zero-shot sets, 4 fine-tuned runs (+ their WiSE sweeps), 4 post-hoc models, the teacher and
+    # 6 distillation runs; finetune: 4 fine-tuning + 6 distillation runs (one loop); posthoc: TPGM, TPGM-C, soups
+    expected = (["corrupt"] * 30 + ["corrupt_merge"] + ["corrupt_sources"] * 2 + ["evaluate"] * 22
+                + ["finetune"] * 10 + ["miniworld", "perturb", "perturb", "perturb", "perturb_merge", "pipeline"]
+                + ["posthoc"] * 3 + ["pretrain", "report", "teacher", "zeroshot"])
     assert stages == expected
     parent = next(r for r in runs if r.data.tags["stage"] == "pipeline")
     jobs = [r for r in runs if r is not parent]
@@ -110,9 +110,10 @@ def test_second_run_does_nothing_and_param_change_reruns_only_dependents(workdir
     override.write_text("evaluate: {ece_bins: 10}\n")
     out = _run([str(BIN / "snakemake"), "-n", "--cores", "2", "all", "--configfile", "params.yaml", str(override)], workdir)
     jobs = [line.split()[1].rstrip(":") for line in out.splitlines() if line.startswith(("rule ", "localrule "))]
-    assert sorted(set(jobs)) == ["all", "evaluate", "evaluate_finetuned", "evaluate_finetuned_alone",
-                                 "evaluate_posthoc", "report"]
+    assert sorted(set(jobs)) == ["all", "evaluate", "evaluate_distilled", "evaluate_finetuned",
+                                 "evaluate_finetuned_alone", "evaluate_posthoc", "report"]
     assert jobs.count("evaluate") == 7 and jobs.count("evaluate_posthoc") == 4
+    assert jobs.count("evaluate_distilled") == 7  # the teacher and the 6 distillation runs
     # ft ×2 and lipsum-ft sweep WiSE α (posthoc.wise.runs); lp is evaluated alone
     assert jobs.count("evaluate_finetuned") == 3 and jobs.count("evaluate_finetuned_alone") == 1
 
@@ -122,7 +123,7 @@ def test_dvc_repro_records_without_rerunning_then_follows_params(workdir):
     _run([dvc, "init", "--no-scm", "-q"], workdir)
     before = {p: p.stat().st_mtime_ns for p in (workdir / "results/metrics").rglob("*.parquet")}
     out = _run([dvc, "repro"], workdir)
-    assert out.count("Nothing to be done") == 9, out
+    assert out.count("Nothing to be done") == 11, out
     assert {p: p.stat().st_mtime_ns for p in before} == before
     out = _run([dvc, "status"], workdir)
     assert "up to date" in out
@@ -135,7 +136,7 @@ def test_dvc_repro_records_without_rerunning_then_follows_params(workdir):
     assert ran == ["evaluate", "report"], out
     assert "Finished jobid" in out and "rule pretrain" not in out and "rule miniworld" not in out
     df = pd.read_parquet(workdir / "results/all_metrics.parquet")
-    assert df["run_id"].nunique() == 15
+    assert df["run_id"].nunique() == 22
 
 
 def test_fine_tuning_family_is_trained_evaluated_and_reported(workdir):
@@ -161,4 +162,31 @@ def test_fine_tuning_family_is_trained_evaluated_and_reported(workdir):
     for plot in ("wise_curves.png", "energy_gap.png"):
         assert (workdir / "results/plots" / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     claims = (workdir / "results/claims.md").read_text()
-    assert claims.count("- **PASS**") + claims.count("- **FAIL**") + claims.count("- **NOT RUN**") == 4
+    assert claims.count("- **PASS**") + claims.count("- **FAIL**") + claims.count("- **NOT RUN**") == 8
+
+
+def test_distillation_family_is_trained_evaluated_and_reported(workdir):
+    """Teacher, three-head student with head selection, baselines, cost rows, tables, Pareto plot."""
+    df = pd.read_parquet(workdir / "results/all_metrics.parquet")
+    base = "distill/tinyclip/rn-augmix-da"
+    photo = df[(df["eval_dataset"] == "miniworld-photo") & df["corruption"].isna()]
+    acc = photo[photo["metric"] == "accuracy"].set_index("model_id")["value"]
+    assert set(acc.index) >= {"teachers/rn-augmix-da", f"{base}/ours/s0", f"{base}/ours-no-kd/s0", f"{base}/only-kd/s0",
+                              f"{base}/apt/s0", f"{base}/vpt/s0", f"{base}/zs-ours/s0"}
+    ours = photo[photo["model_id"] == f"{base}/ours/s0"].set_index("metric")["value"]
+    assert ours["accuracy"] == ours["accuracy_select_ours"]  # the prediction is Eq. 6's head
+    assert {f"{m}_{r}" for m in ("accuracy_select", "f_correct") for r in ("ours", "no_kl", "no_uncertainty", "max_logit")
+            } <= set(ours.index) and {"accuracy_head_clean", "accuracy_head_unclean"} <= set(ours.index)
+    assert "f_correct_ours" not in photo[photo["model_id"] == f"{base}/apt/s0"]["metric"].tolist()  # one head
+    cells = df[(df["model_id"] == f"{base}/ours/s0") & (df["eval_dataset"] == "miniworld-c") & df["severity"].notna()
+               & (df["metric"] == "f_correct_no_kl")]
+    assert len(cells) == 15  # 3 corruptions x 5 severities, head selection per cell
+    cost = df[df["shift_type"] == "cost"].pivot_table(index="model_id", columns="metric", values="value")
+    assert cost.loc[f"{base}/ours/s0", "trainable_params"] > cost.loc[f"{base}/apt/s0", "trainable_params"]  # 3 heads
+    assert cost.loc[f"{base}/ours/s0", "inference_gflops_overhead"] > 0  # 10 MC passes through the tuned part
+    assert cost.loc["ft/tinyclip/ft/s0", "inference_gflops_overhead"] == 0
+    assert (cost["train_ms_per_image"] > 0).all()
+    table = (workdir / "results/tables/distill.md").read_text()
+    assert "Ours" in table and "APT" in table and "F_correct" in table
+    assert (workdir / "results/plots/distill_pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "Efficiently Robustify" in (workdir / "results/claims.md").read_text()

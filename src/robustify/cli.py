@@ -296,15 +296,19 @@ def cmd_finetune(a: argparse.Namespace) -> None:
 
     from robustify.data.registry import get_dataset
     from robustify.io import params_hash, sha256_file, write_json
-    from robustify.methods.finetune import config_from, finetune, make_method, tuned_and_reference
+    from robustify.methods.finetune import config_from, finetune, make_method, method_accepts, tuned_and_reference
     from robustify.models.clip import tokenizer
-    from robustify.models.zeroshot import load_classifier, save_classifier
+    from robustify.models.zeroshot import load_classifier
     from robustify.tracking import job_run
 
     cfg = config_from(a.params, "finetune.recipe")
-    method = make_method(a.method, a.method_params)
+    method_params = dict(a.method_params)
+    if a.teacher and method_accepts(a.method, "teacher"):  # the distillation family's robust teacher
+        method_params.update(teacher=str(a.teacher), teacher_name=a.teacher_name or Path(a.teacher).name)
+    method = make_method(a.method, method_params)
     _setup_torch(a.threads)
     params = {"recipe": a.params, "method": a.method, "method_params": method.params, "seed": a.seed,
+              "teacher": sha256_file(Path(a.teacher) / "classifier.json") if a.teacher else None,
               "data": {"root": str(a.dataset_root), "domain": a.domain, "train": a.train_split, "val": a.val_split},
               # the start point's identity: a resume state left by a run from another zero-shot model is not continued
               "zeroshot": sha256_file(Path(a.zeroshot) / "head.safetensors")}
@@ -324,17 +328,113 @@ def cmd_finetune(a: argparse.Namespace) -> None:
         result = finetune(model, reference, method, train, val, cfg, a.seed, text=text, resume_path=out / "resume.pt",
                           fingerprint=params_hash(params), log_metrics=run.log_metrics, device=resolve_device(a.device))
         run_name = a.run_name or a.method
-        model_id = f"ft/{a.model_name}/{run_name}/s{a.seed}"
+        model_id = a.model_id or f"ft/{a.model_name}/{run_name}/s{a.seed}"
         info = {"model_id": model_id, "method": a.method, "run": run_name, "method_params": method.params, "seed": a.seed,
                 "train_dataset": a.train_dataset, "zeroshot": str(a.zeroshot), "best_step": result.best_step,
-                "best_val_accuracy": result.best_val_accuracy}
+                "best_val_accuracy": result.best_val_accuracy,
+                "cost": _training_cost(result, cfg.batch_size, reference, train)}
         write_json(out / "history.json", {"history": result.history,
                                           "median_step_seconds": statistics.median(result.step_times or [float("nan")])})
-        save_classifier(out, result.model, base, info)
+        _save_trained(out, result.model, base, a.zeroshot, info)
         run.log_metrics({"best_val_accuracy": result.best_val_accuracy, "best_step": result.best_step,
                          "train_seconds": result.train_seconds})
         log.info("%s: best val accuracy %.4f at step %d (%.1f s)", model_id, result.best_val_accuracy,
                  result.best_step, result.train_seconds)
+
+
+def _training_cost(result: Any, batch_size: int, initial: Any, train: Any) -> dict[str, float]:
+    """Cost metrics of a finished run (`eval.cost`): trainable parameters of what was trained, median
+    step time per image, and inference GFLOPs per image against the initial model's."""
+    import torch
+
+    from robustify.eval.cost import count_trainable, gflops, ms_per_image, student_predict_fn
+    from robustify.eval.student import N_PASSES
+    from robustify.methods.distill.method import HeadView
+
+    size = int(train.images.shape[-1]) if hasattr(train, "images") else int(train.size)
+    x = torch.zeros(1, 3, size, size)
+    model = result.model.cpu().eval()
+    if isinstance(model, HeadView):
+        student = model.student
+        trained, predict = student, (student_predict_fn(student, N_PASSES) if len(student.heads) > 1 else model)
+    else:
+        trained, predict = model, model
+    base = gflops(initial.cpu().eval(), x)
+    flops = gflops(predict, x)
+    return {"trainable_params": float(count_trainable(trained)), "train_ms_per_image": ms_per_image(result.step_times, batch_size),
+            "inference_gflops": flops, "inference_gflops_overhead": flops / base - 1.0}
+
+
+def _save_trained(out: Path, model: Any, base: dict[str, Any], zeroshot: str | Path, info: dict[str, Any]) -> None:
+    """A trained model's directory: a partial-tuning student, or a classifier (tower + head)."""
+    from robustify.methods.distill.checkpoint import save_student
+    from robustify.methods.distill.method import HeadView
+    from robustify.models.zeroshot import save_classifier
+
+    if isinstance(model, HeadView):
+        p = info["method_params"]
+        spec = {"fraction_tuned": p["fraction_tuned"], "head_fraction": p["head_fraction"], "dropout": p["dropout"],
+                "heads": list(model.student.heads), "classifier_trainable": p["setup"] == "visual"}
+        save_student(out, model.student, base, zeroshot, spec, info)
+    else:
+        save_classifier(out, model, base, info)
+
+
+def _load_trained(clf_dir: str | Path) -> tuple[Any, dict[str, Any], Any]:
+    """(classifier module, classifier.json, the CLIP behind it or None) of any trained directory."""
+    from robustify.methods.distill.checkpoint import is_student_dir, load_student
+    from robustify.models.zeroshot import load_classifier
+
+    if is_student_dir(clf_dir):
+        view, info = load_student(clf_dir)
+        return view, info, None
+    return load_classifier(clf_dir, with_clip=True)
+
+
+def cmd_teacher(a: argparse.Namespace) -> None:
+    """Robustify a small timm teacher (AugMix + JSD + DeepAugment, or PixMix) on a labelled dataset."""
+    import copy
+
+    from robustify.config import ModelSpec
+    from robustify.data.registry import get_dataset
+    from robustify.io import derive_seed, params_hash, write_json
+    from robustify.methods.finetune import config_from, finetune, make_method
+    from robustify.models.timm_models import create_timm, save_timm_classifier, timm_classifier
+    from robustify.tracking import job_run
+
+    cfg = config_from(a.params, "teachers.recipe")
+    method = make_method(a.method, a.method_params)
+    _setup_torch(a.threads)
+    spec = a.model_spec
+    for key in ("family", "arch"):
+        if key not in spec:
+            raise SystemExit(f"teacher model spec: missing key '{key}' (got {sorted(spec)})")
+    if spec["family"] != "timm":
+        raise SystemExit(f"teachers are timm models; models.{a.teacher_name}.family is '{spec['family']}'")
+    dataset = get_dataset(a.dataset_type, a.dataset_root, a.dataset_options)
+    classes = dataset.classnames
+    params = {"recipe": a.params, "method": a.method, "method_params": method.params, "seed": a.seed, "model": spec,
+              "data": {"root": str(a.dataset_root), "domain": a.domain, "train": a.train_split, "val": a.val_split}}
+    with job_run("teacher", params, a.experiment, _wildcards(a.wildcard)) as run:
+        checkpoint = spec.get("checkpoint")
+        model = create_timm(ModelSpec("timm", spec["arch"], checkpoint), num_classes=len(classes),
+                            init_seed=derive_seed(a.seed, "teacher-init", a.teacher_name) if checkpoint is None else None)
+        classifier = timm_classifier(model, spec.get("image_size"))
+        train = _train_split(dataset, a.train_split, a.domain, classifier.encoder, a.threads)
+        val = _train_split(dataset, a.val_split, a.domain, classifier.encoder, a.threads)
+        reference = copy.deepcopy(classifier).eval()
+        out = Path(a.out)
+        result = finetune(classifier, reference, method, train, val, cfg, a.seed, resume_path=out / "resume.pt",
+                          fingerprint=params_hash(params), log_metrics=run.log_metrics, device=resolve_device(a.device))
+        info = {"model_id": f"teachers/{a.teacher_name}", "method": a.method, "run": a.teacher_name,
+                "method_params": method.params, "seed": a.seed, "train_dataset": a.train_dataset, "classes": list(classes),
+                "best_step": result.best_step, "best_val_accuracy": result.best_val_accuracy,
+                "cost": _training_cost(result, cfg.batch_size, reference, train)}
+        write_json(out / "history.json", {"history": result.history})
+        save_timm_classifier(out, result.model, spec["arch"], info)
+        run.log_metrics({"best_val_accuracy": result.best_val_accuracy, "train_seconds": result.train_seconds})
+        log.info("teachers/%s: best val accuracy %.4f (%.1f s)", a.teacher_name, result.best_val_accuracy,
+                 result.train_seconds)
 
 
 def cmd_evaluate(a: argparse.Namespace) -> None:
@@ -368,6 +468,8 @@ def cmd_evaluate_tuned(a: argparse.Namespace) -> None:
     from robustify.eval.energy import random_text_embeddings, text_moment
     from robustify.eval.evaluate import EnergyGap, Entry, evaluate_models
     from robustify.io import write_parquet
+    from robustify.eval.schema import make_rows
+    from robustify.eval.student import evaluate_student
     from robustify.methods.posthoc.apply import wise_classifier
     from robustify.models.clip import tokenizer
     from robustify.models.zeroshot import load_classifier
@@ -383,7 +485,13 @@ def cmd_evaluate_tuned(a: argparse.Namespace) -> None:
     params = {"evaluate": a.params, "sets": a.sets, "classifier": str(a.classifier), "energy_gap": a.energy_gap,
               "wise_alphas": alphas}
     with job_run("evaluate", params, a.experiment, _wildcards(a.wildcard)) as run:
-        classifier, info, clip = load_classifier(a.classifier, with_clip=True)
+        classifier, info, clip = _load_trained(a.classifier)
+        if a.energy_gap and clip is None:
+            raise SystemExit(f"{a.classifier}: the energy gap needs a CLIP classifier (this one has no text tower)")
+        student = getattr(classifier, "student", None)
+        selects = student is not None and len(student.heads) > 1  # three heads: MC head selection (SPEC §3)
+        if selects and alphas:
+            raise SystemExit(f"{a.classifier}: a three-head student has no WiSE-FT sweep (drop --wise-alphas)")
         entries = [Entry(classifier, _result_context(info, run.run_id))]
         outputs = [Path(a.out_dir)]
         if alphas:
@@ -409,7 +517,11 @@ def cmd_evaluate_tuned(a: argparse.Namespace) -> None:
         for name, spec in sets.items():
             s = a.sets[name]
             dataset = get_dataset(s["type"], s["root"], s.get("options", {}))
-            rows = evaluate_models(entries, dataset, name, spec, cfg, device, gap)
+            if selects:
+                rows = evaluate_student(student, classifier.tower, dataset, name, spec, cfg, entries[0].context, device,
+                                        seed=int(info.get("seed") or 0))
+            else:
+                rows = evaluate_models(entries, dataset, name, spec, cfg, device, gap)
             for entry, out in zip(entries, outputs, strict=True):
                 part = rows[rows["model_id"] == entry.context["model_id"]]
                 write_parquet(out / f"{name}.parquet", part.reset_index(drop=True))
@@ -417,6 +529,11 @@ def cmd_evaluate_tuned(a: argparse.Namespace) -> None:
             metrics = dict(zip(mine["metric"], mine["value"]))
             log.info("%s on %s: %s", info["model_id"], name, metrics)
             run.log_metrics({f"{name}/{k}": v for k, v in metrics.items()})
+        if a.cost_out:
+            if "cost" not in info:
+                raise SystemExit(f"{a.classifier}/classifier.json has no 'cost' (trained before cost metrics existed; rerun it)")
+            ctx = {**_result_context(info, run.run_id), "eval_dataset": info.get("train_dataset"), "shift_type": "cost"}
+            write_parquet(Path(a.cost_out), make_rows(ctx, info["cost"], 1))
         run.set_tags({"model_id": info["model_id"]})
 
 
@@ -514,6 +631,7 @@ def cmd_report(a: argparse.Namespace) -> None:
     er = a.effective_robustness or {}
     params = {"inputs": len(a.inputs), "clean_sets": a.clean_sets, "effective_robustness": er,
               "flip_rate_baseline": a.flip_rate_baseline, "finetune_report": a.finetune_report,
+              "distill_report": a.distill_report,
               "wise_alpha": a.wise_alpha, "claim_tolerance": a.claim_tolerance}
     with job_run("report", params, a.experiment, _wildcards(a.wildcard)) as run:
         df = aggregate(a.inputs)
@@ -530,6 +648,16 @@ def cmd_report(a: argparse.Namespace) -> None:
             from robustify.report.finetune import write_finetune_report
 
             written += write_finetune_report(df, out, a.wise_alpha, tolerance=a.claim_tolerance).values()
+        if a.distill_report:
+            from robustify.report.distill import write_distill_report
+
+            written += write_distill_report(df, out, a.wise_alpha).values()
+            if not a.finetune_report:  # claims.md is otherwise written with the fine-tuning report
+                from robustify.report.claims import all_claims, claims_markdown
+
+                write_text(out / "claims.md", claims_markdown(df, all_claims(wise_alpha=a.wise_alpha,
+                                                                             tolerance=a.claim_tolerance)))
+                written.append(out / "claims.md")
         for path in written:
             run.log_artifact(path, str(Path("report") / path.relative_to(out).parent))
         log.info("results tables: %s, %s", out / "tables" / "zeroshot.md", out / "tables" / "robustness.md")
@@ -646,7 +774,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-dataset", default=None, help="results column: what the model is fine-tuned on")
     p.add_argument("--out", required=True, help="classifier directory (encoder + head + classifier.json)")
     _stage_args(p)
+
+    p.add_argument("--model-id", default=None, help="the results' model id (default ft/<model>/<run>/s<seed>)")
+    p.add_argument("--teacher", default=None, help="robust teacher directory (models/teachers/<name>), handed to "
+                   "methods that take one")
+    p.add_argument("--teacher-name", default=None, help="the teacher's name in the results (default: its folder)")
     p.set_defaults(func=cmd_finetune)
+
+    p = sub.add_parser("teacher", help="robustify a small timm teacher (AugMix + JSD + DeepAugment, PixMix)")
+    p.add_argument("--params", type=_json_arg, required=True, help="the teacher's training recipe as JSON")
+    p.add_argument("--method", default="augmix-jsd", help="registered method (augmix-jsd)")
+    p.add_argument("--method-params", type=_json_arg, default={}, help="the method's parameters (augment, jsd_weight)")
+    p.add_argument("--teacher-name", required=True, help="the teachers: key (model id teachers/<name>)")
+    p.add_argument("--model-spec", type=_json_arg, required=True, help="models.<name> as JSON (family timm)")
+    p.add_argument("--dataset-root", required=True)
+    p.add_argument("--dataset-type", required=True)
+    p.add_argument("--dataset-options", type=_json_arg, default={})
+    p.add_argument("--domain", default=None)
+    p.add_argument("--train-split", default="train")
+    p.add_argument("--val-split", default="val")
+    p.add_argument("--train-dataset", default=None)
+    p.add_argument("--out", required=True, help="teacher classifier directory (model.safetensors + classifier.json)")
+    _stage_args(p)
+    p.set_defaults(func=cmd_teacher)
 
     p = sub.add_parser("evaluate", help="evaluate a classifier on one eval set → metrics parquet")
     p.add_argument("--params", type=_json_arg, required=True, help="the `evaluate` section as JSON")
@@ -674,6 +824,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--zeroshot", default=None, help="the zero-shot classifier directory (WiSE-FT's α=0 end)")
     p.add_argument("--wise-alphas", type=_json_arg, default=[], help="JSON list of WiSE-FT α to evaluate")
     p.add_argument("--wise-out-dir", default=None, help="<wise-out-dir>/a<α>/<eval set>.parquet")
+    p.add_argument("--cost-out", default=None, help="parquet of the model's training cost rows (classifier.json 'cost')")
     _stage_args(p)
     p.set_defaults(func=cmd_evaluate_tuned)
 
@@ -706,6 +857,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help='JSON {"reference": eval set, "baselines": [model ids]} (the `report` section\'s entry)')
     p.add_argument("--flip-rate-baseline", default=None, help="model id whose flip probabilities normalise FR/mFR")
     p.add_argument("--finetune-report", action="store_true", help="also the fine-tuning tables, plots and claims.md")
+    p.add_argument("--distill-report", action="store_true", help="also the distillation tables, Pareto plot and claims")
     p.add_argument("--wise-alpha", type=float, default=0.5, help="the WiSE-FT α shown in the fine-tuning tables")
     p.add_argument("--claim-tolerance", type=float, default=2.0, help='accuracy points of "similar reference accuracy"')
     _stage_args(p)

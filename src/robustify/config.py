@@ -140,7 +140,7 @@ def _cross_reference_problems(p: Mapping[str, Any]) -> list[str]:
     for name in [] if sets == "all" else sets:
         if name not in p["eval_sets"]:
             out.append(f"evaluate.sets: '{name}' is not defined under eval_sets")
-    return out + _finetune_problems(p, known)
+    return out + _finetune_problems(p, known) + _distill_problems(p, known)
 
 
 def selected_runs(finetune: Mapping[str, Any]) -> dict[str, Any]:
@@ -186,6 +186,37 @@ def _finetune_problems(p: Mapping[str, Any], known: set[str]) -> list[str]:
         elif len(seeds[run]) < 2:
             out.append(f"posthoc.soups.runs: '{run}' has {len(seeds[run])} seed; a soup needs at least 2 "
                        f"(finetune.runs.{run}.seeds)")
+    return out
+
+
+def _distill_problems(p: Mapping[str, Any], known: set[str]) -> list[str]:
+    """teachers/distill references: the teacher's timm model, the student's zero-shot classifier, sets."""
+    d = p["distill"]
+    out = [f"distill.select: '{r}' is not a key of distill.runs ({sorted(d['runs'])})"
+           for r in ([] if d["select"] == "all" else d["select"]) if r not in d["runs"]]
+    for name, t in p["teachers"].items():
+        model = p["models"].get(t["model"])
+        if model is None:
+            out.append(f"teachers.{name}.model: '{t['model']}' is not a key of models ({sorted(p['models'])})")
+        elif model["family"] != "timm":
+            out.append(f"teachers.{name}.model: '{t['model']}' is a {model['family']} model; teachers are timm models")
+    for name, m in p["models"].items():
+        if "image_size" in m and m["family"] != "timm":
+            out.append(f"models.{name}.image_size: only timm models take an input size (open_clip's comes from its config)")
+    if d["student"] is None or not selected_runs(d):
+        return out
+    if d["student"] not in p["zeroshot"]["models"]:
+        out.append(f"distill.student: '{d['student']}' has no zero-shot classifier (zeroshot.models: {p['zeroshot']['models']})")
+    if d["teacher"] not in p["teachers"]:
+        out.append(f"distill.teacher: '{d['teacher']}' is not a key of teachers ({sorted(p['teachers'])})")
+    if d["dataset"] != p["zeroshot"]["dataset"]:
+        out.append(f"distill.dataset: '{d['dataset']}' differs from zeroshot.dataset '{p['zeroshot']['dataset']}' "
+                   "(the student's zero-shot head defines the label space)")
+    if d["dataset"] not in known:
+        out.append(f"distill.dataset: '{d['dataset']}' is neither miniworld nor a key of datasets ({sorted(known)})")
+    for name in [] if d["eval_sets"] == "all" else d["eval_sets"]:
+        if name not in p["eval_sets"]:
+            out.append(f"distill.eval_sets: '{name}' is not defined under eval_sets")
     return out
 
 

@@ -58,6 +58,8 @@ wildcard_constraints:
     shard=r"\d+",
     clf=r"zeroshot/[A-Za-z0-9][A-Za-z0-9_.-]*",  # per-set evaluation; trained models: evaluate_tuned
     run=runs_regex(selected_runs(config["finetune"])),
+    drun=runs_regex(selected_runs(config["distill"])),
+    teacher=runs_regex(config["teachers"]),
     seed=r"\d+",
     alpha=r"[0-9.]+",
 
@@ -270,11 +272,15 @@ def tuned_metric_files():
 
 
 def metric_files():
-    return [
-        f"results/metrics/{clf}/{name}.parquet"
-        for clf in ZEROSHOT_CLASSIFIERS
-        for name in selected_eval_sets()
-    ] + tuned_metric_files()
+    return (
+        [
+            f"results/metrics/{clf}/{name}.parquet"
+            for clf in ZEROSHOT_CLASSIFIERS
+            for name in selected_eval_sets()
+        ]
+        + tuned_metric_files()
+        + distill_metric_files()
+    )
 
 
 def val_args():
@@ -297,3 +303,69 @@ def energy_gap_args():
             f" --corpus-split {FT['corpus_split']}"
         )
     return args
+
+
+# ---------------------------------------------------------------- teachers and distillation (SPEC §3)
+DISTILL = config["distill"]
+DISTILL_RUNS = selected_runs(DISTILL) if DISTILL["student"] is not None else {}
+DISTILL_STUDENT = DISTILL["student"]
+# only the teacher the distillation uses is trained
+TEACHERS = [DISTILL["teacher"]] if DISTILL_RUNS else []
+DISTILL_EVAL_SETS = (
+    list(config["eval_sets"]) if DISTILL["eval_sets"] == "all" else DISTILL["eval_sets"]
+)
+# the partial-tuning family takes distill.defaults (fraction tuned, a, dropout, augmentation, ...)
+PARTIAL_METHODS = (
+    "three-head",
+    "three-head-no-kd",
+    "single-teacher",
+    "only-kd",
+    "combined-head",
+    "apt",
+)
+
+
+def distill_seeds(run):
+    return DISTILL_RUNS[run].get("seeds", [0])
+
+
+def distill_recipe(run):
+    return {**DISTILL["recipe"], **DISTILL_RUNS[run].get("recipe", {})}
+
+
+def distill_params(run):
+    spec = DISTILL_RUNS[run]
+    base = DISTILL["defaults"] if spec["method"] in PARTIAL_METHODS else {}
+    return {**base, **spec.get("params", {})}
+
+
+def distilled_ids():
+    return [
+        f"distill/{DISTILL_STUDENT}/{DISTILL['teacher']}/{run}/s{seed}"
+        for run in DISTILL_RUNS
+        for seed in distill_seeds(run)
+    ]
+
+
+def teacher_ids():
+    return [f"teachers/{t}" for t in TEACHERS]
+
+
+def teacher_spec(name):
+    """models.<teacher's model> with a configured checkpoint resolved under paths.checkpoints."""
+    spec = dict(config["models"][config["teachers"][name]["model"]])
+    if spec["checkpoint"] is not None:
+        spec["checkpoint"] = under(config["paths"]["checkpoints"], spec["checkpoint"])
+    return spec
+
+
+def distill_metric_files():
+    files = [
+        f"results/metrics/{clf}/{name}.parquet"
+        for clf in distilled_ids() + teacher_ids()
+        for name in DISTILL_EVAL_SETS
+    ]
+    return files + [
+        f"results/metrics/{clf}/cost.parquet"
+        for clf in distilled_ids() + teacher_ids() + finetuned_ids()
+    ]

@@ -59,6 +59,7 @@ rule evaluate_finetuned:
             alpha=WISE_ALPHAS,
             eval_set=FT_EVAL_SETS,
         ),
+        cost="results/metrics/ft/{model}/{run}/s{seed}/cost.parquet",
     log:
         "logs/evaluate/ft/{model}/{run}/s{seed}.log",
     wildcard_constraints:
@@ -80,6 +81,7 @@ rule evaluate_finetuned:
         " {params.gap} --zeroshot {params.zeroshot:q} --wise-alphas {params.alphas:q}"
         " --out-dir results/metrics/ft/{wildcards.model}/{wildcards.run}/s{wildcards.seed}"
         " --wise-out-dir results/metrics/wise/{wildcards.model}/{wildcards.run}/s{wildcards.seed}"
+        " --cost-out {output.cost:q}"
         " --threads {threads} --wildcard model={wildcards.model} --wildcard run={wildcards.run}"
         " --wildcard seed={wildcards.seed} > {log:q} 2>&1"
 
@@ -97,6 +99,7 @@ rule evaluate_finetuned_alone:
             "results/metrics/ft/{{model}}/{{run}}/s{{seed}}/{eval_set}.parquet",
             eval_set=FT_EVAL_SETS,
         ),
+        cost="results/metrics/ft/{model}/{run}/s{seed}/cost.parquet",
     log:
         "logs/evaluate/ft/{model}/{run}/s{seed}.log",
     wildcard_constraints:
@@ -114,7 +117,7 @@ rule evaluate_finetuned_alone:
     shell:
         "robustify evaluate-tuned --params {params.cfg:q} --classifier {params.clf:q} --sets {params.sets:q}"
         " {params.gap} --out-dir results/metrics/ft/{wildcards.model}/{wildcards.run}/s{wildcards.seed}"
-        " --threads {threads} --wildcard model={wildcards.model} --wildcard run={wildcards.run}"
+        " --cost-out {output.cost:q} --threads {threads} --wildcard model={wildcards.model} --wildcard run={wildcards.run}"
         " --wildcard seed={wildcards.seed} > {log:q} 2>&1"
 
 

@@ -11,6 +11,17 @@ FINETUNE_REPORT = (
     if FT_RUNS
     else {}
 )
+# With distillation runs: the "Efficiently Robustify" tables, the Pareto plot, and its claims.
+DISTILL_REPORT = (
+    {
+        "distill_md": "results/tables/distill.md",
+        "distill_tex": "results/tables/distill.tex",
+        "pareto": "results/plots/distill_pareto.png",
+        "claims": "results/claims.md",
+    }
+    if DISTILL_RUNS
+    else {}
+)
 
 
 rule report:
@@ -18,7 +29,7 @@ rule report:
     input:
         metric_files(),
     output:
-        **FINETUNE_REPORT,
+        **{**FINETUNE_REPORT, **DISTILL_REPORT},
         metrics="results/all_metrics.parquet",
         table="results/tables/zeroshot.md",
         robustness="results/tables/robustness.md",
@@ -34,12 +45,12 @@ rule report:
         out=subpath(output.metrics, parent=True),
         clean=as_json(clean_sets()),
         er=as_json(config["report"]["effective_robustness"]),
-        ft=(
-            f"--finetune-report --wise-alpha {config['report']['wise_alpha']}"
+        ft="--finetune-report" if FT_RUNS else "",
+        claims=(
+            f"--wise-alpha {config['report']['wise_alpha']}"
             f" --claim-tolerance {config['report']['claim_tolerance']}"
-            if FT_RUNS
-            else ""
         ),
+        distill="--distill-report" if DISTILL_RUNS else "",
         fr=lambda w: (
             ""
             if config["report"]["flip_rate_baseline"] is None
@@ -47,5 +58,6 @@ rule report:
         ),
     shell:
         "robustify report --inputs {input:q} --out-dir {params.out:q}"
-        " --clean-sets {params.clean:q} --effective-robustness {params.er:q} {params.fr} {params.ft}"
+        " --clean-sets {params.clean:q} --effective-robustness {params.er:q} {params.fr} {params.ft} {params.distill}"
+        " {params.claims}"
         " > {log:q} 2>&1"
