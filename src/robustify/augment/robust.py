@@ -99,7 +99,10 @@ class RobustRecipe:
             raise ValueError(f"{where}.augmix: {e}") from None
         fraction = float(deep.pop("fraction", 0.5))
         deepaugment = DeepAugment(**deep) if params.get("deepaugment") is not None else None
-        pix = None if pm is None else PixMixOptions(**pm)
+        try:
+            pix = None if pm is None else PixMixOptions(**pm)
+        except TypeError as e:
+            raise ValueError(f"{where}.pixmix: {e} (it needs mixing_set: a folder of pictures)") from None
         return cls(augmix, deepaugment, fraction, pix)
 
     @property

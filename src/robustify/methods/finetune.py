@@ -178,8 +178,10 @@ class RunContext:
 @dataclass(frozen=True)
 class StepInfo:
     """Where a rank's rows sit in step `step`'s global batch: rows `first:first + n` of `total`. A method's
-    per-step draws (`prepare`) are made for the whole global batch and sliced, so a DDP rank prepares its
-    rows exactly as a single process would and the batch is a function of (seed, step)."""
+    per-row draws (`prepare`: which rows are augmented, each row's AugMix/PixMix) are made for the global
+    batch and sliced, so a DDP rank prepares those rows exactly as a single process would. Known
+    limitation: a DeepAugment network is drawn per call for the rows at hand, so under DDP each rank
+    draws its own (still a function of seed, step and rank)."""
 
     step: int
     seed: int

@@ -49,7 +49,10 @@ def load_student(clf_dir: str | Path) -> tuple[HeadView, dict[str, Any]]:
     split = split_tower(base.encoder, spec["fraction_tuned"], spec["head_fraction"])
     student = ThreeHeadStudent(split, base.head, spec["dropout"], spec["classifier_trainable"], spec["heads"])
     state = load_safetensors(clf_dir / info["weights"])
-    missing, unexpected = student.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = student.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # shape mismatches raise even when not strict
+        raise ValueError(f"{clf_dir / info['weights']}: does not match the student of {info['zeroshot']}: {e}") from e
     missing = [k for k in missing if not k.startswith("prefix.")]
     if missing or unexpected:
         raise ValueError(f"{clf_dir / info['weights']}: does not match the student of {info['zeroshot']} "
