@@ -152,21 +152,11 @@ def selected_runs(finetune: Mapping[str, Any]) -> dict[str, Any]:
 def _finetune_problems(p: Mapping[str, Any], known: set[str]) -> list[str]:
     """finetune/posthoc references: the start model, label space, sets, and the runs post-hoc methods use."""
     ft, post = p["finetune"], p["posthoc"]
-    out = [f"finetune.select: '{r}' is not a key of finetune.runs ({sorted(ft['runs'])})"
-           for r in ([] if ft["select"] == "all" else ft["select"]) if r not in ft["runs"]]
+    out = _select_problems(ft, "finetune")
     runs = selected_runs(ft)
     if ft["model"] is None or not runs:
         return out
-    if ft["model"] not in p["zeroshot"]["models"]:
-        out.append(f"finetune.model: '{ft['model']}' has no zero-shot classifier (zeroshot.models: {p['zeroshot']['models']})")
-    if ft["dataset"] != p["zeroshot"]["dataset"]:
-        out.append(f"finetune.dataset: '{ft['dataset']}' differs from zeroshot.dataset '{p['zeroshot']['dataset']}' "
-                   "(the zero-shot head's label space is the one fine-tuned)")
-    if ft["dataset"] not in known:
-        out.append(f"finetune.dataset: '{ft['dataset']}' is neither miniworld nor a key of datasets ({sorted(known)})")
-    for name in [] if ft["eval_sets"] == "all" else ft["eval_sets"]:
-        if name not in p["eval_sets"]:
-            out.append(f"finetune.eval_sets: '{name}' is not defined under eval_sets")
+    out += _start_problems(p, "finetune", "model", known, "the zero-shot head's label space is the one fine-tuned")
     seeds = {run: spec.get("seeds", [0]) for run, spec in runs.items()}
     for kind in ("tpgm", "tpgm-c"):
         for run in post[kind]["runs"]:
@@ -192,8 +182,7 @@ def _finetune_problems(p: Mapping[str, Any], known: set[str]) -> list[str]:
 def _distill_problems(p: Mapping[str, Any], known: set[str]) -> list[str]:
     """teachers/distill references: the teacher's timm model, the student's zero-shot classifier, sets."""
     d = p["distill"]
-    out = [f"distill.select: '{r}' is not a key of distill.runs ({sorted(d['runs'])})"
-           for r in ([] if d["select"] == "all" else d["select"]) if r not in d["runs"]]
+    out = _select_problems(d, "distill")
     for name, t in p["teachers"].items():
         model = p["models"].get(t["model"])
         if model is None:
@@ -205,18 +194,29 @@ def _distill_problems(p: Mapping[str, Any], known: set[str]) -> list[str]:
             out.append(f"models.{name}.image_size: only timm models take an input size (open_clip's comes from its config)")
     if d["student"] is None or not selected_runs(d):
         return out
-    if d["student"] not in p["zeroshot"]["models"]:
-        out.append(f"distill.student: '{d['student']}' has no zero-shot classifier (zeroshot.models: {p['zeroshot']['models']})")
     if d["teacher"] not in p["teachers"]:
         out.append(f"distill.teacher: '{d['teacher']}' is not a key of teachers ({sorted(p['teachers'])})")
-    if d["dataset"] != p["zeroshot"]["dataset"]:
-        out.append(f"distill.dataset: '{d['dataset']}' differs from zeroshot.dataset '{p['zeroshot']['dataset']}' "
-                   "(the student's zero-shot head defines the label space)")
-    if d["dataset"] not in known:
-        out.append(f"distill.dataset: '{d['dataset']}' is neither miniworld nor a key of datasets ({sorted(known)})")
-    for name in [] if d["eval_sets"] == "all" else d["eval_sets"]:
-        if name not in p["eval_sets"]:
-            out.append(f"distill.eval_sets: '{name}' is not defined under eval_sets")
+    return out + _start_problems(p, "distill", "student", known, "the student's zero-shot head defines the label space")
+
+
+def _select_problems(section: Mapping[str, Any], name: str) -> list[str]:
+    """`<name>.select` entries that are not keys of `<name>.runs`."""
+    return [f"{name}.select: '{r}' is not a key of {name}.runs ({sorted(section['runs'])})"
+            for r in ([] if section["select"] == "all" else section["select"]) if r not in section["runs"]]
+
+
+def _start_problems(p: Mapping[str, Any], name: str, model_key: str, known: set[str], why: str) -> list[str]:
+    """A stage that starts from a zero-shot classifier: its model has one, its dataset is the zero-shot label
+    space and is known, its eval sets are defined (finetune and distill share these rules)."""
+    sec, zs, out = p[name], p["zeroshot"], []
+    if sec[model_key] not in zs["models"]:
+        out.append(f"{name}.{model_key}: '{sec[model_key]}' has no zero-shot classifier (zeroshot.models: {zs['models']})")
+    if sec["dataset"] != zs["dataset"]:
+        out.append(f"{name}.dataset: '{sec['dataset']}' differs from zeroshot.dataset '{zs['dataset']}' ({why})")
+    if sec["dataset"] not in known:
+        out.append(f"{name}.dataset: '{sec['dataset']}' is neither miniworld nor a key of datasets ({sorted(known)})")
+    out += [f"{name}.eval_sets: '{s}' is not defined under eval_sets"
+            for s in ([] if sec["eval_sets"] == "all" else sec["eval_sets"]) if s not in p["eval_sets"]]
     return out
 
 
