@@ -162,3 +162,67 @@ def test_posthoc_chain_wise_sweep_tpgm_soups_and_energy_gaps(world, tiny_world_c
     if ens["members"] == ["ft0"]:  # one member: the ensemble is that model
         ref = pd.read_parquet("m/ft0/mw-photo.parquet").set_index("metric")["value"]
         assert rows.set_index("metric")["value"]["accuracy"] == ref["accuracy"]
+
+
+def test_unimodal_student_imports_a_timm_classifier_distils_from_it_and_evaluates(world, tiny_world_cfg):
+    """Paper Table 3's path: import-timm (a pre-trained timm classifier with its own head) → finetune
+    (three-head, from that classifier, with a timm teacher) → evaluate-tuned with MC head selection; a
+    CLIP-only method and a head of the wrong size are refused with the key named."""
+    import timm
+    import torch
+    from safetensors.torch import save_file
+
+    from robustify.methods.distill.checkpoint import is_student_dir, load_student
+    from robustify.models.timm_models import save_timm_classifier, timm_classifier
+    from robustify.models.zeroshot import load_classifier
+
+    common = ["--device", "cpu", "--threads", "1", "--experiment", "t"]
+    data = ["--dataset-root", world, "--dataset-type", "miniworld"]
+    classes = len(tiny_world_cfg.classes)
+    torch.manual_seed(0)
+    pretrained = timm.create_model("test_resnet", num_classes=classes).eval()
+    Path("ckpt").mkdir()
+    save_file({k: v.contiguous() for k, v in pretrained.state_dict().items()}, "ckpt/student.safetensors")
+    spec = {"family": "timm", "arch": "test_resnet", "checkpoint": "ckpt/student.safetensors", "image_size": 32}
+    main(["import-timm", "--model-name", "stu", "--model-spec", json.dumps(spec), *data, "--train-dataset",
+          "miniworld", "--out", "timm/stu", *common])
+    start, info = load_classifier("timm/stu")
+    assert info["model_id"] == "timm/stu" and info["method"] == "pretrained" and len(info["classes"]) == classes
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(start(x), pretrained(x))
+    save_timm_classifier("teacher", timm_classifier(timm.create_model("test_resnet", num_classes=classes).eval(), 32),
+                         "test_resnet", {"model_id": "teachers/t"})
+
+    recipe = {"steps": 3, "batch_size": 8, "lr": 1e-3, "eval_every": 3, "augment": "none"}
+    method = {"fraction_tuned": 0.5, "cache_prefix": True}
+    main(["finetune", "--params", json.dumps(recipe), "--method", "three-head", "--method-params", json.dumps(method),
+          "--model-name", "stu", "--run-name", "ours", "--model-id", "distill/stu/t/ours/s0", "--teacher", "teacher",
+          "--teacher-name", "t", "--zeroshot", "timm/stu", *data, "--domain", "photo", "--train-dataset", "miniworld",
+          "--out", "d", "--seed", "0", *common])
+    assert is_student_dir("d")
+    view, dinfo = load_student("d")
+    assert dinfo["model_id"] == "distill/stu/t/ours/s0" and dinfo["family"] == "timm" and dinfo["zeroshot"] == "timm/stu"
+    assert dinfo["cost"]["trainable_params"] < sum(p.numel() for p in pretrained.parameters()) * 3
+    # the frozen prefix is the pre-trained model's own; the tuned trailing blocks moved
+    assert torch.equal(view.student.prefix.pre.conv1[0].weight, pretrained.conv1[0].weight)
+    assert not torch.equal(view.student.shared[0].conv1.weight, pretrained.layer3[0].conv1.weight)
+
+    sets = {"mw-photo": {"eval_set": {"dataset": "miniworld", "split": "test", "domain": "photo",
+                                      "shift_type": "reference"}, "root": world, "type": "miniworld"}}
+    main(["evaluate-tuned", "--params", json.dumps({"batch_size": 7, "ece_bins": 15, "workers": 0}), "--sets",
+          json.dumps(sets), "--classifier", "d", "--out-dir", "m/d", "--cost-out", "m/d/cost.parquet", *common])
+    rows = pd.read_parquet("m/d/mw-photo.parquet").set_index("metric")["value"]
+    assert rows["accuracy"] == pytest.approx(rows["accuracy_select_ours"], abs=1e-6) and 0 <= rows["f_correct_ours"] <= 1
+    assert set(pd.read_parquet("m/d/cost.parquet")["metric"]) >= {"trainable_params", "train_ms_per_image"}
+
+    with pytest.raises(SystemExit, match="method 'zs-ft' .* needs a CLIP start point .* timm/stu is a timm classifier"):
+        main(["finetune", "--params", json.dumps(recipe), "--method", "zs-ft", "--model-name", "stu",
+              "--zeroshot", "timm/stu", *data, "--domain", "photo", "--out", "z", *common])
+    save_file({k: v.contiguous() for k, v in timm.create_model("test_resnet", num_classes=5).state_dict().items()},
+              "ckpt/five.safetensors")
+    with pytest.raises(SystemExit, match=f"models.five: the checkpoint ckpt/five.safetensors has a 5-class head, "
+                                         f"but dataset 'miniworld' has {classes} classes"):
+        main(["import-timm", "--model-name", "five", "--model-spec", json.dumps({**spec, "checkpoint": "ckpt/five.safetensors"}),
+              *data, "--train-dataset", "miniworld", "--out", "timm/five", *common])
+    assert not Path("timm/five/classifier.json").exists()

@@ -48,6 +48,13 @@ def test_default_params_are_valid(default_params):
         (lambda p: p["posthoc"]["wise"].update(runs="some"), "posthoc.wise.runs"),
         (lambda p: p["posthoc"]["tpgm"].update(runs=["kd2"]), "posthoc.tpgm.runs: 'kd2' is not a selected key of finetune.runs"),
         (lambda p: p["finetune"].update(select=["ft"]), "posthoc.tpgm.runs: 'lipsum-ft' is not a selected key"),
+        (lambda p: p["distill"].update(student="teacher-rn"),
+         "distill.student: timm model 'teacher-rn' has no checkpoint (models.teacher-rn.checkpoint"),
+        (lambda p: p["distill"].update(student="teacher-rn"),
+         "distill.runs.zs-ours: method 'three-head' (setup zeroshot) needs a CLIP student; distill.student 'teacher-rn' is a timm model"),
+        (lambda p: p["distill"].update(student="teacher-rn"), "distill.runs.vpt: method 'vpt-shallow' (setup visual) needs"),
+        (lambda p: p["distill"]["runs"]["ours"].update(params={"cache_prefix": True}),
+         "distill.runs.ours: cache_prefix needs recipe augment: none (a cached clean row must be the same image every epoch), got 'shift'"),
     ],
 )
 def test_bad_params_name_the_key(repo, default_params, mutate, named):

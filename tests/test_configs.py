@@ -27,6 +27,9 @@ CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"
 LIPSUM_FT_STEPS = {"lipsum-ft-imagenet-vitb16": 50000, "lipsum-ft-domainnet-vitb16": 5000}
 PAPER_RECIPE = {"batch_size": 256, "lr": 1e-5, "warmup": 0.1, "eval_every": 1000, "weight_decay": 0.0}
 PAPER_LIPSUM = {"lam": 1.0, "texts": 80, "length": 8, "vocab": "full"}
+# the paper's (student, teacher): Table 1 CLIP ViT-L/14@336 from ViT-B/16, Table 3 unimodal ViT-L from ViT-Small
+DISTILL_ARCHS = {"distill-imagenet-clip-vitl14-336": ("ViT-L-14-336", "vit_base_patch16_224"),
+                 "distill-imagenet-vitl16-unimodal": ("vit_large_patch16_224", "vit_small_patch16_224")}
 MINIWORLD_RUNS = {"ft", "lipsum-ft", "scratch-ft", "lp", "lp-ft", "ema", "l2sp", "kd", "car-ft", "featkd"}
 
 
@@ -94,10 +97,11 @@ def test_config_dry_runs(repo, tmp_path, config):
         assert not jobs & {"teacher", "distill", "evaluate_distilled"}
     else:
         _check_distill_plan(params, _jobs(out))
-    if config.stem.startswith("distill-"):  # the paper's Table 1 setting (App. G hyper-parameters)
+    if config.stem.startswith("distill-"):  # the paper's Tables 1 and 3 settings (App. G hyper-parameters)
         d = params["distill"]
-        assert params["models"][d["student"]]["arch"] == "ViT-L-14-336"
-        assert params["models"][params["teachers"][d["teacher"]]["model"]]["arch"].startswith("vit_base_patch16_224")
+        student, teacher = DISTILL_ARCHS[config.stem]
+        assert params["models"][d["student"]]["arch"].startswith(student)
+        assert params["models"][params["teachers"][d["teacher"]]["model"]]["arch"].startswith(teacher)
         assert {k: d["recipe"][k] for k in ("batch_size", "lr", "weight_decay")} == {"batch_size": 256, "lr": 1e-3,
                                                                                      "weight_decay": 0.0}
         assert {k: d["defaults"][k] for k in ("a", "dropout", "head_fraction")} == {"a": 0.5, "dropout": 0.25,
@@ -128,13 +132,25 @@ def _check_distill_plan(params: dict, jobs: list[dict[str, str]]) -> None:
     assert json.loads(_option(teacher["shell"], "--model-spec"))["family"] == "timm"
     planned = sorted((w["drun"], int(w["seed"])) for w in (_fields(j["wildcards"]) for j in by_rule["distill"]))
     assert planned == sorted((run, seed) for run, r in runs.items() for seed in r.get("seeds", [0]))
-    assert len(by_rule["evaluate_distilled"]) == len(planned) + 1  # + the teacher
+    timm_student = params["models"][d["student"]]["family"] == "timm"
+    start = f"models/{'timm' if timm_student else 'zeroshot'}/{d['student']}"
+    # + the teacher, and a timm student's start point (Table 3's "Standard training" row)
+    assert len(by_rule["evaluate_distilled"]) == len(planned) + 1 + timm_student
+    if timm_student:
+        (imported,) = by_rule["import_timm"]
+        spec = json.loads(_option(imported["shell"], "--model-spec"))
+        assert spec["arch"] == params["models"][d["student"]]["arch"]
+        assert spec["checkpoint"].endswith("/checkpoints/" + params["models"][d["student"]]["checkpoint"])
+        assert _option(imported["shell"], "--out") == start
+    else:
+        assert "import_timm" not in by_rule
     for job in by_rule["distill"]:
         run = runs[_fields(job["wildcards"])["drun"]]
         base = d["defaults"] if run["method"] in PARTIAL else {}
         assert json.loads(_option(job["shell"], "--method-params")) == {**base, **run.get("params", {})}
         assert json.loads(_option(job["shell"], "--params")) == {**d["recipe"], **run.get("recipe", {})}
         assert _option(job["shell"], "--teacher") == f"models/teachers/{d['teacher']}"
+        assert _option(job["shell"], "--zeroshot") == start
         got = _fields(job["resources"])
         assert (int(got["gpu"]), int(got["runtime"])) == (res["distill"]["gpu"], res["distill"]["runtime"])
 

@@ -27,6 +27,7 @@ from robustify.eval.cost import count_trainable
 from robustify.io import load_safetensors, read_json, write_json
 from robustify.methods.distill.checkpoint import is_student_dir, load_student, save_student
 from robustify.methods.distill.method import HeadView, TeacherInput
+from robustify.methods.distill.prefix_cache import PrefixCache
 from robustify.methods.distill.selection import mc_head_outputs
 from robustify.methods.distill.student import HEADS, ThreeHeadStudent, split_tower
 from robustify.methods.finetune import (
@@ -598,3 +599,82 @@ def test_timm_classifier_directory_round_trip_and_dispatch(tmp_path, teacher_dir
     write_json(tmp_path / "c" / "classifier.json", info)
     with pytest.raises(FileNotFoundError, match=r"c/model\.safetensors"):
         load_classifier(tmp_path / "c")
+
+
+# ------------------------------------------------------------------------------------ prefix cache
+def test_prefix_cache_reads_cached_rows_and_computes_only_the_others():
+    calls: list[int] = []
+
+    def prefix(x: torch.Tensor) -> torch.Tensor:
+        calls.append(x.shape[0])
+        return x * 2 + 1
+
+    data = torch.arange(30.0).view(10, 3)
+    cache = PrefixCache.fill(prefix, ((data[i:i + 4], None) for i in range(0, 10, 4)), 10)
+    assert calls == [4, 4, 2] and len(cache) == 10 and cache.nbytes() == 10 * 3 * 4
+    torch.testing.assert_close(cache.store, data * 2 + 1)
+    # images that differ from the stored rows prove which rows were read and which were computed
+    y = torch.full((4, 3), -1.0)
+    out = cache.features(prefix, y, torch.tensor([7, 2, 5, 0]), torch.tensor([True, False, True, False]))
+    assert calls[3:] == [2]  # only the two uncached rows ran
+    torch.testing.assert_close(out, torch.stack([data[7] * 2 + 1, y[1] * 2 + 1, data[5] * 2 + 1, y[3] * 2 + 1]))
+    torch.testing.assert_close(cache.store, data * 2 + 1)  # reading never writes
+    out = cache.features(prefix, y, torch.tensor([1, 2, 3, 4]), torch.zeros(4, dtype=torch.bool))
+    assert calls[4:] == [4]
+    with pytest.raises(ValueError, match=r"indices must lie in \[0, 10\)"):
+        cache.features(prefix, y[:1], torch.tensor([10]), torch.tensor([True]))
+    with pytest.raises(ValueError, match="has 11 rows but its batches gave 10"):
+        PrefixCache.fill(prefix, [(data, None)], 11)
+
+
+def test_cached_prefix_training_matches_uncached_training(data, teacher_dir, monkeypatch):
+    read: list[int] = []  # cached rows read per step
+    features = PrefixCache.features
+    monkeypatch.setattr(PrefixCache, "features", lambda self, prefix, images, indices, cached: (
+        read.append(int(cached.sum())), features(self, prefix, images, indices, cached))[1])
+    runs = {}
+    for cache in (False, True):
+        model = classifier()
+        method = make_method("three-head", {"fraction_tuned": 0.5, "teacher": str(teacher_dir), "cache_prefix": cache})
+        cfg = FineTuneConfig(steps=6, batch_size=16, lr=1e-3, augment="none", eval_every=1)
+        runs[cache] = (finetune(model, copy.deepcopy(model), method, data["train"], data["val"], cfg, seed=0), method)
+    (plain, off), (cached, method) = runs[False], runs[True]
+    # the store holds every training row's prefix output (the same module as the student's prefix)
+    x = data["train"].normalise(data["train"].images, "cpu")
+    assert off.cache is None and len(method.cache) == 64 and method.cache_seconds > 0
+    assert read == [8] * 6  # every step: its 8 clean rows (a = 0.5 of 16) come from the store
+    # T_clean's logits of each clean row are stored too: the initial model's output on the cached features
+    torch.testing.assert_close(method.clean_logits, method.tail(method.cache.store), rtol=0, atol=0)
+    torch.testing.assert_close(method.clean_logits, classifier().eval()(x), rtol=0, atol=1e-5)
+    torch.testing.assert_close(method.cache.store, method.student.features(x), rtol=0, atol=1e-5)
+    # the same training up to float rounding of batched kernels (which Adam amplifies in parameters
+    # whose gradient is ~0, e.g. the attention pool's key bias, so compare losses and outputs)
+    assert len(plain.history) == len(cached.history) == 6
+    for r0, r1 in zip(plain.history, cached.history):
+        assert r1["loss"] == pytest.approx(r0["loss"], rel=1e-5)
+        assert r1["kd_clean_on_clean"] == pytest.approx(r0["kd_clean_on_clean"], rel=1e-4)
+    v = data["val"].normalise(data["val"].images, "cpu")
+    with torch.no_grad():
+        torch.testing.assert_close(cached.model.eval()(v), plain.model.eval()(v), rtol=0, atol=1e-4)
+    assert not torch.equal(plain.model.student.shared[0].conv2.weight, classifier().encoder.layer3[0].conv2.weight)
+    assert method.params["cache_prefix"] is True and "cache_prefix" not in off.params
+
+
+def test_cache_prefix_with_a_random_augmentation_is_an_error_naming_both_keys(data, teacher_dir):
+    method = make_method("three-head", {"fraction_tuned": 0.5, "teacher": str(teacher_dir), "cache_prefix": True})
+    cfg = FineTuneConfig(steps=1, batch_size=8, augment="shift")
+    with pytest.raises(ValueError, match="cache_prefix needs the recipe's augment: none.*got augment: shift"):
+        method.setup(classifier(), RunContext(classifier(), None, data["train"], data["val"], cfg, 0, "cpu"))
+    with pytest.raises(ValueError, match="cache_prefix must be true or false"):
+        make_method("apt", {"cache_prefix": "yes"})
+
+
+def test_step_info_indices_are_the_rank_slice_the_loader_reads():
+    from robustify.methods.train_data import rank_batch
+
+    for step, (rank, world) in enumerate(((0, 1), (1, 2), (3, 4))):
+        per = 16 // world
+        info = StepInfo(step + 5, 3, rank * per, 16, MEAN, STD, 64)
+        assert torch.equal(info.indices(per), rank_batch(3, step + 5, 64, 16, rank, world))
+    with pytest.raises(ValueError, match="needs the training set's size"):
+        StepInfo(0, 0, 0, 8, MEAN, STD).indices(8)

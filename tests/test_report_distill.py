@@ -215,6 +215,16 @@ def test_latex_tables(df):
     assert "Ours w/o U\\_mc" in tex
 
 
+def test_a_timm_students_start_point_is_the_standard_training_row(df):
+    """A unimodal student (Table 3) starts from its imported classifier `timm/<student>`, not a zero-shot head."""
+    timm = df.copy()
+    start = timm["model_id"] == f"zeroshot/{S}"
+    timm.loc[start, "model_id"], timm.loc[start, "method"] = f"timm/{S}", "pretrained"
+    t = _table(distill_tables(timm)["markdown"], "Table 1/3 analogue")
+    assert [k for k in t if k != "columns"][:2] == ["Standard training", "LP"] and "Zero-shot" not in t
+    assert t["Standard training"] == ["1", "60.00", "50.00", "40.00", "45.00", "–", "–"]
+
+
 def test_two_runs_of_one_method_are_labelled_by_run(df):
     second = df[df["model_id"].str.startswith(f"distill/{S}/rn18/three-head/")].copy()
     second["model_id"] = second["model_id"].str.replace("/three-head/", "/three-head-long/")

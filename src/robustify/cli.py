@@ -294,9 +294,17 @@ def cmd_zeroshot(a: argparse.Namespace) -> None:
 def cmd_finetune(a: argparse.Namespace) -> None:
     import statistics
 
+    from robustify.config import CLIP_START_METHODS
     from robustify.data.registry import get_dataset
     from robustify.io import params_hash, sha256_file, write_json
-    from robustify.methods.finetune import config_from, finetune, make_method, method_accepts, tuned_and_reference
+    from robustify.methods.finetune import (
+        config_from,
+        finetune,
+        make_method,
+        method_accepts,
+        tuned_and_reference,
+        tuned_and_reference_timm,
+    )
     from robustify.models.clip import tokenizer
     from robustify.models.zeroshot import load_classifier
     from robustify.tracking import job_run
@@ -310,18 +318,24 @@ def cmd_finetune(a: argparse.Namespace) -> None:
     params = {"recipe": a.params, "method": a.method, "method_params": method.params, "seed": a.seed,
               "teacher": sha256_file(Path(a.teacher) / "classifier.json") if a.teacher else None,
               "data": {"root": str(a.dataset_root), "domain": a.domain, "train": a.train_split, "val": a.val_split},
-              # the start point's identity: a resume state left by a run from another zero-shot model is not continued
-              "zeroshot": sha256_file(Path(a.zeroshot) / "head.safetensors")}
+              # the start point's identity: a resume state left by a run from another start model is not continued
+              "zeroshot": _start_fingerprint(a.zeroshot)}
     with job_run("finetune", params, a.experiment, _wildcards(a.wildcard)) as run:
         zs, base, clip = load_classifier(a.zeroshot, with_clip=True)
         dataset = get_dataset(a.dataset_type, a.dataset_root, a.dataset_options)
 
         def split(name: str) -> Any:
-            return _train_split(dataset, name, a.domain, clip, a.threads)
+            return _train_split(dataset, name, a.domain, clip if clip is not None else zs.encoder, a.threads)
 
         train, val = split(a.train_split), split(a.val_split)
-        model, reference, text = tuned_and_reference(clip, zs.head)
-        text.tokenize = tokenizer(base["arch"])
+        if clip is None:  # a timm classifier (unimodal student, paper Table 3): no text tower
+            if a.corpus_split or method.params.get("setup") == "zeroshot" or a.method in CLIP_START_METHODS:
+                raise SystemExit(f"method '{a.method}' (params {method.params}) needs a CLIP start point (text tower or "
+                                 f"zero-shot head), but {a.zeroshot} is a timm classifier ({base.get('arch')})")
+            model, reference, text = tuned_and_reference_timm(zs)
+        else:
+            model, reference, text = tuned_and_reference(clip, zs.head)
+            text.tokenize = tokenizer(base["arch"])
         if a.corpus_split:
             text.corpus = dataset.select(a.corpus_split)["caption"].dropna().tolist()
         out = Path(a.out)
@@ -340,6 +354,14 @@ def cmd_finetune(a: argparse.Namespace) -> None:
                          "train_seconds": result.train_seconds})
         log.info("%s: best val accuracy %.4f at step %d (%.1f s)", model_id, result.best_val_accuracy,
                  result.best_step, result.train_seconds)
+
+
+def _start_fingerprint(clf_dir: str | Path) -> str:
+    """Hash of a start classifier's weights: a zero-shot head, or a timm classifier's whole model."""
+    from robustify.io import read_json, sha256_file
+
+    info = read_json(Path(clf_dir) / "classifier.json")
+    return sha256_file(Path(clf_dir) / (info["weights"] if info.get("family") == "timm" else "head.safetensors"))
 
 
 def _training_cost(result: Any, batch_size: int, initial: Any, train: Any) -> dict[str, float]:
@@ -376,6 +398,11 @@ def _save_trained(out: Path, model: Any, base: dict[str, Any], zeroshot: str | P
         spec = {"fraction_tuned": p["fraction_tuned"], "head_fraction": p["head_fraction"], "dropout": p["dropout"],
                 "heads": list(model.student.heads), "classifier_trainable": p["setup"] == "visual"}
         save_student(out, model.student, base, zeroshot, spec, info)
+    elif base.get("family") == "timm":  # a timm start point's run: the whole timm model, as it loads
+        from robustify.models.timm_models import save_timm_classifier
+
+        save_timm_classifier(out, model, base["arch"], {**{k: base[k] for k in ("train_dataset", "classes") if k in base},
+                                                        **info})
     else:
         save_classifier(out, model, base, info)
 
@@ -435,6 +462,37 @@ def cmd_teacher(a: argparse.Namespace) -> None:
         run.log_metrics({"best_val_accuracy": result.best_val_accuracy, "train_seconds": result.train_seconds})
         log.info("teachers/%s: best val accuracy %.4f (%.1f s)", a.teacher_name, result.best_val_accuracy,
                  result.train_seconds)
+
+
+def cmd_import_timm(a: argparse.Namespace) -> None:
+    """A pre-trained timm classifier (its own head, e.g. ImageNet-1k) as a classifier directory: the start
+    point of a unimodal student (paper Table 3) and its "Standard training" row."""
+    from robustify.config import ModelSpec
+    from robustify.data.registry import get_dataset
+    from robustify.models.timm_models import create_timm, save_timm_classifier, timm_classifier
+    from robustify.tracking import job_run
+
+    spec = a.model_spec
+    where = f"models.{a.model_name}"
+    for key in ("family", "arch", "checkpoint"):
+        if key not in spec:
+            raise SystemExit(f"{where}: missing key '{key}' (got {sorted(spec)})")
+    if spec["family"] != "timm":
+        raise SystemExit(f"{where}.family is '{spec['family']}'; a pre-trained start point here is a timm model "
+                         "(CLIP models start from their zero-shot classifier)")
+    if spec["checkpoint"] is None:
+        raise SystemExit(f"{where}.checkpoint is null; a pre-trained start point needs its weights (a local path)")
+    classes = get_dataset(a.dataset_type, a.dataset_root, a.dataset_options).classnames
+    params = {"model": spec, "dataset": a.train_dataset}
+    with job_run("import-timm", params, a.experiment, _wildcards(a.wildcard)):
+        model = create_timm(ModelSpec("timm", spec["arch"], spec["checkpoint"]))  # the head from the checkpoint
+        if model.num_classes != len(classes):
+            raise SystemExit(f"{where}: the checkpoint {spec['checkpoint']} has a {model.num_classes}-class head, "
+                             f"but dataset '{a.train_dataset}' has {len(classes)} classes")
+        info = {"model_id": f"timm/{a.model_name}", "method": "pretrained", "run": a.model_name, "seed": 0,
+                "train_dataset": a.train_dataset, "classes": list(classes), "checkpoint": str(spec["checkpoint"])}
+        save_timm_classifier(a.out, timm_classifier(model, spec.get("image_size")), spec["arch"], info)
+        log.info("timm/%s: %s from %s", a.model_name, spec["arch"], spec["checkpoint"])
 
 
 def cmd_evaluate(a: argparse.Namespace) -> None:
@@ -797,6 +855,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="teacher classifier directory (model.safetensors + classifier.json)")
     _stage_args(p)
     p.set_defaults(func=cmd_teacher)
+
+    p = sub.add_parser("import-timm", help="a pre-trained timm classifier as a classifier directory (unimodal start)")
+    p.add_argument("--model-name", required=True, help="the models: key (model id timm/<name>)")
+    p.add_argument("--model-spec", type=_json_arg, required=True, help="models.<name> as JSON (family timm, checkpoint)")
+    p.add_argument("--dataset-root", required=True, help="the dataset whose label space the head must have")
+    p.add_argument("--dataset-type", required=True)
+    p.add_argument("--dataset-options", type=_json_arg, default={})
+    p.add_argument("--train-dataset", default=None)
+    p.add_argument("--out", required=True, help="classifier directory (model.safetensors + classifier.json)")
+    _stage_args(p)
+    p.set_defaults(func=cmd_import_timm)
 
     p = sub.add_parser("evaluate", help="evaluate a classifier on one eval set → metrics parquet")
     p.add_argument("--params", type=_json_arg, required=True, help="the `evaluate` section as JSON")

@@ -143,6 +143,11 @@ def _cross_reference_problems(p: Mapping[str, Any]) -> list[str]:
     return out + _finetune_problems(p, known) + _distill_problems(p, known)
 
 
+# Methods that need a CLIP start point: Lipsum-FT reads the text tower, CAR-FT and ZS-FT the zero-shot
+# head's prompt embeddings, VPT wraps a bare open_clip / timm tower (not a timm classifier's TimmEncoder).
+CLIP_START_METHODS = frozenset({"lipsum-ft", "car-ft", "zs-ft", "vpt-shallow", "vpt-deep"})
+
+
 def selected_runs(finetune: Mapping[str, Any]) -> dict[str, Any]:
     """finetune.runs restricted to finetune.select (all, or the listed keys)."""
     runs, select = finetune["runs"], finetune["select"]
@@ -196,7 +201,31 @@ def _distill_problems(p: Mapping[str, Any], known: set[str]) -> list[str]:
         return out
     if d["teacher"] not in p["teachers"]:
         out.append(f"distill.teacher: '{d['teacher']}' is not a key of teachers ({sorted(p['teachers'])})")
+    for name in selected_runs(d):
+        run = d["runs"][name]
+        augment = {**d["recipe"], **(run.get("recipe") or {})}.get("augment")
+        if {**(d.get("defaults") or {}), **(run.get("params") or {})}.get("cache_prefix") and augment != "none":
+            out.append(f"distill.runs.{name}: cache_prefix needs recipe augment: none (a cached clean row must be "
+                       f"the same image every epoch), got '{augment}'")
+    student = p["models"].get(d["student"])
+    if student is not None and student["family"] == "timm":  # unimodal (paper Table 3): its own pre-trained head
+        return out + _timm_start_problems(p, known)
     return out + _start_problems(p, "distill", "student", known, "the student's zero-shot head defines the label space")
+
+
+def _timm_start_problems(p: Mapping[str, Any], known: set[str]) -> list[str]:
+    """A timm student starts from its checkpoint's classifier: it needs the weights, and no run may need CLIP."""
+    d, out = p["distill"], []
+    name = d["student"]
+    if p["models"][name]["checkpoint"] is None:
+        out.append(f"distill.student: timm model '{name}' has no checkpoint (models.{name}.checkpoint: a pre-trained "
+                   "start point needs its weights)")
+    for run_name, run in selected_runs(d).items():
+        params = {**(d.get("defaults") or {}), **(run.get("params") or {})}
+        if run["method"] in CLIP_START_METHODS or params.get("setup") == "zeroshot":
+            out.append(f"distill.runs.{run_name}: method '{run['method']}' (setup {params.get('setup', 'visual')}) needs "
+                       f"a CLIP student; distill.student '{name}' is a timm model")
+    return out + _data_problems(p, "distill", known)
 
 
 def _select_problems(section: Mapping[str, Any], name: str) -> list[str]:
@@ -213,6 +242,12 @@ def _start_problems(p: Mapping[str, Any], name: str, model_key: str, known: set[
         out.append(f"{name}.{model_key}: '{sec[model_key]}' has no zero-shot classifier (zeroshot.models: {zs['models']})")
     if sec["dataset"] != zs["dataset"]:
         out.append(f"{name}.dataset: '{sec['dataset']}' differs from zeroshot.dataset '{zs['dataset']}' ({why})")
+    return out + _data_problems(p, name, known)
+
+
+def _data_problems(p: Mapping[str, Any], name: str, known: set[str]) -> list[str]:
+    """`<name>.dataset` is known and `<name>.eval_sets` are defined."""
+    sec, out = p[name], []
     if sec["dataset"] not in known:
         out.append(f"{name}.dataset: '{sec['dataset']}' is neither miniworld nor a key of datasets ({sorted(known)})")
     out += [f"{name}.eval_sets: '{s}' is not defined under eval_sets"

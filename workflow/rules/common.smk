@@ -339,6 +339,33 @@ def distill_params(run):
     return {**base, **spec.get("params", {})}
 
 
+# a timm student (unimodal, paper Table 3) starts from its pre-trained classifier, imported as timm/<model>;
+# a CLIP student from its zero-shot classifier
+DISTILL_TIMM_START = (
+    DISTILL_STUDENT is not None
+    and config["models"][DISTILL_STUDENT]["family"] == "timm"
+)
+
+
+def distill_start(model):
+    """The classifier directory a distillation run of `model` starts from."""
+    if config["models"][model]["family"] == "timm":
+        return f"models/timm/{model}"
+    return f"models/zeroshot/{model}"
+
+
+def timm_start_ids():
+    return [f"timm/{DISTILL_STUDENT}"] if DISTILL_TIMM_START and DISTILL_RUNS else []
+
+
+def model_spec_resolved(name):
+    """models.<name> with a configured checkpoint resolved under paths.checkpoints."""
+    spec = dict(config["models"][name])
+    if spec["checkpoint"] is not None:
+        spec["checkpoint"] = under(config["paths"]["checkpoints"], spec["checkpoint"])
+    return spec
+
+
 def distilled_ids():
     return [
         f"distill/{DISTILL_STUDENT}/{DISTILL['teacher']}/{run}/s{seed}"
@@ -353,16 +380,13 @@ def teacher_ids():
 
 def teacher_spec(name):
     """models.<teacher's model> with a configured checkpoint resolved under paths.checkpoints."""
-    spec = dict(config["models"][config["teachers"][name]["model"]])
-    if spec["checkpoint"] is not None:
-        spec["checkpoint"] = under(config["paths"]["checkpoints"], spec["checkpoint"])
-    return spec
+    return model_spec_resolved(config["teachers"][name]["model"])
 
 
 def distill_metric_files():
     files = [
         f"results/metrics/{clf}/{name}.parquet"
-        for clf in distilled_ids() + teacher_ids()
+        for clf in distilled_ids() + teacher_ids() + timm_start_ids()
         for name in DISTILL_EVAL_SETS
     ]
     return files + [

@@ -32,11 +32,40 @@ rule teacher:
         " --wildcard teacher={wildcards.teacher} > {log:q} 2>&1"
 
 
+rule import_timm:
+    """A pre-trained timm classifier (its own head) as the start point of a unimodal student (Table 3)."""
+    input:
+        manifest=dataset_manifest(DISTILL["dataset"]),
+    output:
+        clf="models/timm/{model}/classifier.json",
+        weights="models/timm/{model}/model.safetensors",
+    log:
+        "logs/timm/{model}.log",
+    conda:
+        "../../environment.yml"
+    threads: config["resources"]["zeroshot"]["threads"]
+    resources:
+        **resources_for("zeroshot"),
+    params:
+        spec=lambda w: as_json(model_spec_resolved(w.model)),
+        root=subpath(input.manifest, parent=True),
+        type=dataset_type(DISTILL["dataset"]),
+        options=as_json(dataset_options(DISTILL["dataset"])),
+        train_dataset=DISTILL["dataset"],
+        out=subpath(output.clf, parent=True),
+    shell:
+        "robustify import-timm --model-name {wildcards.model} --model-spec {params.spec:q}"
+        " --dataset-root {params.root:q} --dataset-type {params.type} --dataset-options {params.options:q}"
+        " --train-dataset {params.train_dataset} --out {params.out:q} --threads {threads}"
+        " --wildcard model={wildcards.model} > {log:q} 2>&1"
+
+
 rule distill:
     """One run of the distillation family (three-head student, its ablation, the KD/APT/VPT/ZS baselines)
-    from the student's zero-shot classifier, through the one fine-tuning loop."""
+    from the student's zero-shot classifier (a timm student: its imported classifier), through the one
+    fine-tuning loop."""
     input:
-        zeroshot="models/zeroshot/{model}/classifier.json",
+        zeroshot=lambda w: f"{distill_start(w.model)}/classifier.json",
         teacher="models/teachers/{teacher}/classifier.json",
         manifest=dataset_manifest(DISTILL["dataset"]),
     output:
@@ -91,7 +120,7 @@ rule evaluate_distilled:
     log:
         "logs/evaluate/{dclf}.log",
     wildcard_constraints:
-        dclf=r"teachers/[^/]+|distill/[^/]+/[^/]+/[^/]+/s\d+",
+        dclf=r"teachers/[^/]+|timm/[^/]+|distill/[^/]+/[^/]+/[^/]+/s\d+",
     conda:
         "../../environment.yml"
     threads: config["resources"]["evaluate"]["threads"]

@@ -189,6 +189,14 @@ class StepInfo:
     total: int
     mean: tuple[float, ...]  # the train source's normalisation, to map images back to [0, 1]
     std: tuple[float, ...]
+    n: int = 0  # training items (the epoch permutation's length)
+
+    def indices(self, rows: int) -> torch.Tensor:
+        """Dataset indices of the rank's `rows` rows (per-image caches); computed on demand, as the
+        epoch permutation costs O(n) per call."""
+        if self.n <= 0:
+            raise ValueError("StepInfo.indices needs the training set's size n")
+        return batch_indices(self.seed, self.step, self.n, self.total)[self.first:self.first + rows]
 
     def generator(self, *words: int) -> torch.Generator:
         return step_generator(self.seed, 5, self.step, *words)
@@ -488,7 +496,7 @@ def finetune(
                                            step_generator(seed, 2, step), rank * per_rank, cfg.batch_size)
                     t_prep = time.perf_counter()
                     images, extras = method.prepare(images, labels, StepInfo(
-                        step, seed, rank * per_rank, cfg.batch_size, tuple(train.mean), tuple(train.std)))
+                        step, seed, rank * per_rank, cfg.batch_size, tuple(train.mean), tuple(train.std), len(train)))
                     if is_cuda:
                         torch.cuda.synchronize(device)
                     prep_times.append(time.perf_counter() - t_prep)
@@ -582,6 +590,13 @@ def config_from(params: dict[str, Any], where: str = "finetune") -> FineTuneConf
     if unknown:
         raise ValueError(f"{where}: unknown key(s) {unknown} (allowed: {sorted(fields)})")
     return FineTuneConfig(**params)
+
+
+def tuned_and_reference_timm(classifier: ImageClassifier) -> tuple[ImageClassifier, ImageClassifier, None]:
+    """(tuned copy, frozen reference, no text side) of a timm classifier (a unimodal start point)."""
+    model = copy.deepcopy(classifier)
+    classifier.eval().requires_grad_(False)
+    return model, classifier, None
 
 
 def tuned_and_reference(clip: nn.Module, head: nn.Module) -> tuple[ImageClassifier, ImageClassifier, TextSide]:

@@ -4,7 +4,8 @@ Pareto plot (corruption accuracy vs training time per image) and the paper's cla
 of all_metrics.parquet.
 
 Rows of the frame this report reads (model ids; the seed is the `s<seed>` path segment):
-- `zeroshot/<student>`; `ft/<student>/<run>/s<seed>` (LP, FT); `wise/<student>/<run>/s<seed>/a<α>`
+- `zeroshot/<student>` (a timm student: `timm/<student>`, its pre-trained classifier, Table 3's "Standard
+  training"); `ft/<student>/<run>/s<seed>` (LP, FT); `wise/<student>/<run>/s<seed>/a<α>`
   (method_params base = the run it interpolates: an LP run gives WiSE-FT (LC), an FT run WiSE-FT (E2E));
 - `distill/<student>/<teacher>/<run>/s<seed>` (method_params `setup`: visual | zeroshot, `teacher`);
 - `teachers/<name>` (the robustified small teacher);
@@ -53,7 +54,7 @@ KD_BLOCK: tuple[str, ...] = ("single-teacher", "only-kd", "combined-head", "apt"
 KD_METHODS = frozenset({"single-teacher", "only-kd", "combined-head", "three-head"})
 ZEROSHOT_ORDER: tuple[str, ...] = ("zs-ft", "apt")  # then other zero-shot-setup runs, then Ours
 NAMES: dict[str, str] = {
-    "zeroshot": "Zero-shot", "lp": "LP", "ft": "FT", "vpt-shallow": "VPT (shallow)", "vpt-deep": "VPT (deep)",
+    "zeroshot": "Zero-shot", "pretrained": "Standard training", "lp": "LP", "ft": "FT", "vpt-shallow": "VPT (shallow)", "vpt-deep": "VPT (deep)",
     "single-teacher": "Single-Teacher", "only-kd": "Only K.D.", "combined-head": "Combined head", "apt": "APT",
     "three-head": "Ours", "three-head-no-kd": "Ours w/o K.D.", "zs-ft": "ZS-Full tuning",
 }
@@ -88,7 +89,7 @@ def distill_models(df: pd.DataFrame) -> pd.DataFrame:
         rec: dict[str, Any] = {"model_id": model_id, "row_id": _seedless(parts, seed), "student": None,
                                "family": parts[0], "key": method, "method": method, "setup": None, "teacher": None,
                                "run": None, "seed": seed, "alpha": None, "cost_id": model_id}
-        if method == "zeroshot":
+        if method == "zeroshot" or (method == "pretrained" and parts[0] == "timm"):  # the untrained start point
             rec.update(family="zeroshot", student=parts[-1], cost_id=None)
         elif parts[0] == "ft" and len(parts) >= 3:
             rec.update(student=parts[1], run=parts[2])

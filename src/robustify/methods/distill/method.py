@@ -12,7 +12,10 @@ fine-tuning loop through its hooks:
   augmented samples `D^a`: DeepAugment then AugMix by default (App. G), any `RobustRecipe`.
 - `forward` runs the frozen prefix once without gradients, the shared section once, and each head
   only on the rows whose loss terms use it (clean head: clean rows, unclean head: augmented rows,
-  combined: all), so no head computes logits nobody reads. It also computes the teachers' logits on
+  combined: all), so no head computes logits nobody reads. With `cache_prefix` the clean rows'
+  prefix features and T_clean logits come from `prefix_cache.PrefixCache`, filled in `setup` (paper
+  §4.1's frozen backbone makes them constant; the recipe's `augment: none` keeps a clean row the same
+  image every epoch). It also computes the teachers' logits on
   exactly the rows `losses.teacher_masks` names: T_clean, the frozen initial model, is the original
   trailing layers + head applied to the prefix features the student already computed (the prefix *is*
   the initial model's), so it costs a no-grad pass through the tuned fraction only; T_robust gets the
@@ -27,6 +30,7 @@ Adam with lr 1e-3 (App. G) is the loop's AdamW with weight decay 0 (the same upd
 
 from __future__ import annotations
 
+import time
 from typing import Any, ClassVar
 
 import torch
@@ -35,6 +39,7 @@ from torch import nn
 
 from robustify.augment.robust import RobustRecipe, row_seeds
 from robustify.methods.distill.losses import HEADS, VARIANTS, distill_loss, mix_batch, teacher_masks
+from robustify.methods.distill.prefix_cache import PrefixCache
 from robustify.methods.distill.student import ThreeHeadStudent, split_tower
 from robustify.methods.finetune import Batch, FineTuneMethod, RunContext, StepInfo, TextSide, register
 from robustify.methods.regularizers.robust_teacher import DEFAULT_AUGMENT, _step_seed, from_unit, to_unit
@@ -107,7 +112,7 @@ class PartialTuning(FineTuneMethod):
     def __init__(self, fraction_tuned: float = 0.1, head_fraction: float = 0.2, dropout: float = 0.25,
                  a: float = 0.5, temperature: float = 1.0, teacher: str | None = None,
                  teacher_name: str | None = None, augment: dict[str, Any] | None = None,
-                 setup: str = "visual") -> None:
+                 setup: str = "visual", cache_prefix: bool = False) -> None:
         spec = VARIANTS[self.variant]
         if setup not in SETUPS:
             raise ValueError(f"method '{self.name}': setup must be one of {SETUPS}, got '{setup}'")
@@ -120,7 +125,13 @@ class PartialTuning(FineTuneMethod):
             raise ValueError(f"method '{self.name}' distils from a robust teacher: give params.teacher "
                              "(a teacher classifier directory, models/teachers/<name>)")
         self.fraction_tuned, self.head_fraction, self.dropout = float(fraction_tuned), float(head_fraction), float(dropout)
+        if not isinstance(cache_prefix, bool):
+            raise ValueError(f"method '{self.name}': cache_prefix must be true or false, got {cache_prefix!r}")
         self.a, self.temperature, self.setup_kind = float(a), float(temperature), setup
+        self.cache_prefix = cache_prefix
+        self.cache: PrefixCache | None = None
+        self.clean_logits: torch.Tensor | None = None  # T_clean's logits of every clean training row
+        self.cache_seconds = 0.0  # the one pass that fills both, outside the per-step cost (as LP's features)
         self.teacher_dir = teacher if uses_teacher else None
         self.teacher_name = teacher_name if uses_teacher else None
         self.recipe = RobustRecipe.from_params(DEFAULT_AUGMENT if augment is None else augment, f"{self.name}.augment")
@@ -133,18 +144,32 @@ class PartialTuning(FineTuneMethod):
     def params(self) -> dict[str, Any]:
         return {"fraction_tuned": self.fraction_tuned, "head_fraction": self.head_fraction, "dropout": self.dropout,
                 "a": self.a, "temperature": self.temperature, "teacher": self.teacher_name,
-                "augment": self.recipe.params, "setup": self.setup_kind}
+                "augment": self.recipe.params, "setup": self.setup_kind,
+                **({"cache_prefix": True} if self.cache_prefix else {})}  # absent when off: old run ids stay
 
     # ------------------------------------------------------------------------------------ hooks
     def setup(self, model: ImageClassifier, run: RunContext) -> nn.Module:
         split = split_tower(model.encoder, self.fraction_tuned, self.head_fraction)
         student = ThreeHeadStudent(split, model.head, self.dropout, self.setup_kind == "visual", self.heads)
         self.student = student.to(run.device)
+        if self.cache_prefix:
+            if run.cfg.augment != "none":
+                raise ValueError(f"method '{self.name}': cache_prefix needs the recipe's augment: none (a cached "
+                                 f"clean row must be the same image every epoch), got augment: {run.cfg.augment}")
+            t0 = time.perf_counter()
+            self.cache = PrefixCache.fill(self.student.features, run.train.batches(run.cfg.eval_batch_size, run.device),
+                                          len(run.train))
         spec = VARIANTS[self.variant]
         if "clean" in (spec.clean_teacher, spec.aug_teacher):
             # the tower's own trailing layers are θ0 (the student tunes deep copies of them)
             self.tail = _Tail(split.view.layers[split.n_frozen:], split.view.post, model.head).to(run.device).eval()
             self.tail.requires_grad_(False)
+            if self.cache is not None:  # T_clean on a clean image is a constant too: its logits, once
+                store = self.cache.store
+                self.clean_logits = torch.cat([self.tail(store[i:i + run.cfg.eval_batch_size].to(run.device)).cpu()
+                                               for i in range(0, len(store), run.cfg.eval_batch_size)])
+        if self.cache is not None:
+            self.cache_seconds = time.perf_counter() - t0
         if self.teacher_dir is not None:
             from robustify.models.zeroshot import load_classifier
 
@@ -164,15 +189,21 @@ class PartialTuning(FineTuneMethod):
             x = self.recipe.mix(x, [seeds[i] for i in rows.tolist()])
             images = images.clone()
             images[rows.to(images.device)] = from_unit(x, info).to(images.dtype)
-        return images, {"augmented": mask.to(images.device)}
+        indices = info.indices(len(images)) if self.cache is not None else None
+        return images, {"augmented": mask.to(images.device), "indices": indices}
 
     def forward(self, net: nn.Module, images: torch.Tensor, extras: dict[str, Any]) -> tuple[torch.Tensor, Any]:
         student = self.student
         aug = extras["augmented"]
-        features = student.features(images)
+        if self.cache is not None and net is student:
+            if extras.get("indices") is None:
+                raise ValueError(f"method '{self.name}': cache_prefix needs the rows' dataset indices (StepInfo.indices)")
+            features = self.cache.features(student.features, images, extras["indices"], ~aug.cpu())
+        else:  # DDP: the wrapper's forward below recomputes every row anyway
+            features = student.features(images)
         masks = teacher_masks(self.variant, aug)
         if masks["clean"] is not None:
-            extras["clean_teacher"] = self.tail(features[masks["clean"]])
+            extras["clean_teacher"] = self._clean_teacher(features, masks["clean"], aug, extras.get("indices"))
         if masks["robust"] is not None:
             extras["robust_teacher"] = self.robust(images[masks["robust"]])
         if net is not student:  # DDP: the wrapper's forward registers the gradient reduction (all heads, all rows)
@@ -182,6 +213,21 @@ class PartialTuning(FineTuneMethod):
             rows = {"clean": ~aug, "unclean": aug, COMBINED: None}
             logits = {h: _rows_only(student.heads[h], z, rows[h]) for h in self.heads}
         return features, logits if len(self.heads) > 1 else logits[COMBINED]
+
+    def _clean_teacher(self, features: torch.Tensor, rows: torch.Tensor, aug: torch.Tensor,
+                       indices: torch.Tensor | None) -> torch.Tensor:
+        """T_clean's logits on `rows`: clean rows from `clean_logits` when cached, the rest computed."""
+        if self.clean_logits is None or indices is None:
+            return self.tail(features[rows])
+        sub = rows.nonzero().squeeze(1)
+        stored = ~aug[sub]
+        out = self.clean_logits[indices[sub[stored].cpu()]].to(features.device)
+        if bool((~stored).any()):
+            full = out.new_empty((sub.numel(), out.shape[1]))
+            full[stored] = out
+            full[~stored] = self.tail(features[sub[~stored]]).to(out.dtype)
+            out = full
+        return out
 
     def extra_loss(self, batch: Batch, model: nn.Module, text: TextSide | None) -> tuple[torch.Tensor, dict[str, float]]:
         return distill_loss(self.variant, batch.logits, batch.labels, batch.extras["augmented"],

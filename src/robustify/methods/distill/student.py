@@ -47,6 +47,7 @@ from timm.models.vision_transformer import VisionTransformer as TimmViT
 from torch import nn
 
 from robustify.methods.distill import selection
+from robustify.models.timm_models import TimmEncoder
 from robustify.models.zeroshot import ImageClassifier, ZeroShotHead
 
 HEADS: tuple[str, ...] = ("clean", "unclean", "combined")
@@ -190,6 +191,13 @@ def _timm_resnet(tower: nn.Module) -> TowerView:
     post = _TimmResNetPost(tower, ("global_pool", "drop_rate"))
     blocks = tuple(b for stage in (tower.layer1, tower.layer2, tower.layer3, tower.layer4) for b in stage)
     return TowerView("timm-resnet", pre, blocks, post)
+
+
+@register_view(TimmEncoder)
+def _robustify_timm_encoder(tower: nn.Module) -> TowerView:
+    """robustify's `TimmEncoder` (a timm classifier's tower, e.g. a unimodal student's start point): the
+    view of the timm model inside, which ends at `forward_head(..., pre_logits=True)` as the encoder does."""
+    return tower_view(tower.model)
 
 
 def tower_view(tower: nn.Module) -> TowerView:
