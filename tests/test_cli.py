@@ -210,11 +210,18 @@ def test_unimodal_student_imports_a_timm_classifier_distils_from_it_and_evaluate
 
     sets = {"mw-photo": {"eval_set": {"dataset": "miniworld", "split": "test", "domain": "photo",
                                       "shift_type": "reference"}, "root": world, "type": "miniworld"}}
-    main(["evaluate-tuned", "--params", json.dumps({"batch_size": 7, "ece_bins": 15, "workers": 0}), "--sets",
-          json.dumps(sets), "--classifier", "d", "--out-dir", "m/d", "--cost-out", "m/d/cost.parquet", *common])
+    ev = ["--params", json.dumps({"batch_size": 7, "ece_bins": 15, "workers": 0}), "--sets", json.dumps(sets)]
+    main(["evaluate-tuned", *ev, "--classifier", "d", "--out-dir", "m/d", "--cost-out", "m/d/cost.parquet", *common])
     rows = pd.read_parquet("m/d/mw-photo.parquet").set_index("metric")["value"]
     assert rows["accuracy"] == pytest.approx(rows["accuracy_select_ours"], abs=1e-6) and 0 <= rows["f_correct_ours"] <= 1
-    assert set(pd.read_parquet("m/d/cost.parquet")["metric"]) >= {"trainable_params", "train_ms_per_image"}
+    cost = pd.read_parquet("m/d/cost.parquet").set_index("metric")["value"]
+    # the start point is evaluated as the distillation stage evaluates it (Standard training row), training nothing
+    main(["evaluate-tuned", *ev, "--classifier", "timm/stu", "--out-dir", "m/s", "--cost-out", "m/s/cost.parquet", *common])
+    start_rows = pd.read_parquet("m/s/mw-photo.parquet")
+    assert set(start_rows["model_id"]) == {"timm/stu"} and set(start_rows["method"]) == {"pretrained"}
+    start_cost = pd.read_parquet("m/s/cost.parquet").set_index("metric")["value"]
+    assert start_cost["trainable_params"] == 0 and start_cost["inference_gflops"] > 0
+    assert cost["trainable_params"] > 0 and cost["inference_gflops"] > start_cost["inference_gflops"]  # 10 MC passes
 
     with pytest.raises(SystemExit, match="method 'zs-ft' .* needs a CLIP start point .* timm/stu is a timm classifier"):
         main(["finetune", "--params", json.dumps(recipe), "--method", "zs-ft", "--model-name", "stu",
