@@ -203,7 +203,6 @@ def test_unimodal_student_imports_a_timm_classifier_distils_from_it_and_evaluate
     assert is_student_dir("d")
     view, dinfo = load_student("d")
     assert dinfo["model_id"] == "distill/stu/t/ours/s0" and dinfo["family"] == "timm" and dinfo["zeroshot"] == "timm/stu"
-    assert dinfo["cost"]["trainable_params"] < sum(p.numel() for p in pretrained.parameters()) * 3
     # the frozen prefix is the pre-trained model's own; the tuned trailing blocks moved
     assert torch.equal(view.student.prefix.pre.conv1[0].weight, pretrained.conv1[0].weight)
     assert not torch.equal(view.student.shared[0].conv1.weight, pretrained.layer3[0].conv1.weight)
@@ -215,13 +214,29 @@ def test_unimodal_student_imports_a_timm_classifier_distils_from_it_and_evaluate
     rows = pd.read_parquet("m/d/mw-photo.parquet").set_index("metric")["value"]
     assert rows["accuracy"] == pytest.approx(rows["accuracy_select_ours"], abs=1e-6) and 0 <= rows["f_correct_ours"] <= 1
     cost = pd.read_parquet("m/d/cost.parquet").set_index("metric")["value"]
-    # the start point is evaluated as the distillation stage evaluates it (Standard training row), training nothing
-    main(["evaluate-tuned", *ev, "--classifier", "timm/stu", "--out-dir", "m/s", "--cost-out", "m/s/cost.parquet", *common])
-    start_rows = pd.read_parquet("m/s/mw-photo.parquet")
+    assert 0 < cost["trainable_params"] < sum(p.numel() for p in pretrained.parameters()) * 3
+    # the start point is evaluated per set, as a zero-shot classifier is (Table 3's "Standard training" row)
+    main(["evaluate", "--params", json.dumps({"batch_size": 7, "ece_bins": 15, "workers": 0}), "--classifier",
+          "timm/stu", "--eval-name", "mw-photo", "--eval-set", json.dumps(sets["mw-photo"]["eval_set"]), *data,
+          "--out", "m/s.parquet", *common])
+    start_rows = pd.read_parquet("m/s.parquet")
     assert set(start_rows["model_id"]) == {"timm/stu"} and set(start_rows["method"]) == {"pretrained"}
-    start_cost = pd.read_parquet("m/s/cost.parquet").set_index("metric")["value"]
-    assert start_cost["trainable_params"] == 0 and start_cost["inference_gflops"] > 0
-    assert cost["trainable_params"] > 0 and cost["inference_gflops"] > start_cost["inference_gflops"]  # 10 MC passes
+    assert start_rows["n"].eq(tiny_world_cfg.test_per_domain).all()
+
+    # FT from the same classifier, then its WiSE-FT sweep with the timm start as the α = 0 end
+    main(["finetune", "--params", json.dumps({**recipe, "lr": 1e-2}), "--method", "ft", "--model-name", "stu",
+          "--zeroshot", "timm/stu", *data, "--domain", "photo", "--train-dataset", "miniworld", "--out", "ft",
+          "--seed", "0", *common])
+    tuned, finfo = load_classifier("ft")
+    assert finfo["model_id"] == "ft/stu/ft/s0" and finfo["family"] == "timm"
+    with torch.no_grad():
+        assert not torch.equal(tuned(x), pretrained(x))
+    main(["evaluate-tuned", *ev, "--classifier", "ft", "--zeroshot", "timm/stu", "--wise-alphas", "[0, 1]",
+          "--out-dir", "m/ft", "--wise-out-dir", "m/wise", *common])
+    ft_acc = pd.read_parquet("m/ft/mw-photo.parquet").set_index("metric")["value"]
+    ends = [pd.read_parquet(f"m/wise/a{a}/mw-photo.parquet").set_index("metric")["value"] for a in (0, 1)]
+    assert ends[0]["accuracy"] == start_rows.set_index("metric")["value"]["accuracy"]
+    assert ends[1]["accuracy"] == ft_acc["accuracy"] and "energy_gap" not in ft_acc
 
     with pytest.raises(SystemExit, match="method 'zs-ft' .* needs a CLIP start point .* timm/stu is a timm classifier"):
         main(["finetune", "--params", json.dumps(recipe), "--method", "zs-ft", "--model-name", "stu",

@@ -86,7 +86,10 @@ def test_config_dry_runs(repo, tmp_path, config):
     assert {"prepare", "zeroshot", "evaluate", "report"} <= jobs
     assert "pretrain" not in jobs and "miniworld" not in jobs  # nothing of the mini-world is built
     n_eval = sum(1 for line in out.splitlines() if line.startswith("rule evaluate:"))
-    assert n_eval == len(params["evaluate"]["sets"]) * len(params["zeroshot"]["models"])
+    # zero-shot classifiers on the evaluate sets, and an imported timm start point on its stages' sets
+    starts = {s for sec, key in (("finetune", "model"), ("distill", "student")) if (m := params[sec][key]) is not None
+              and params["models"][m]["family"] == "timm" for s in params[sec]["eval_sets"]}
+    assert n_eval == len(params["evaluate"]["sets"]) * len(params["zeroshot"]["models"]) + len(starts)
     built = [k for k in params["corrupt"] if k in {params["eval_sets"][s]["dataset"] for s in params["evaluate"]["sets"]}]
     n_corrupt = sum(1 for line in out.splitlines() if line.startswith("rule corrupt:"))
     expected = sum(15 * len(params["corrupt"][k]["severities"]) * params["corrupt"][k]["shards"] for k in built)
@@ -134,9 +137,10 @@ def _check_distill_plan(params: dict, jobs: list[dict[str, str]]) -> None:
     assert planned == sorted((run, seed) for run, r in runs.items() for seed in r.get("seeds", [0]))
     timm_student = params["models"][d["student"]]["family"] == "timm"
     start = f"models/{'timm' if timm_student else 'zeroshot'}/{d['student']}"
-    # + the teacher, and a timm student's start point (Table 3's "Standard training" row)
-    assert len(by_rule["evaluate_distilled"]) == len(planned) + 1 + timm_student
-    if timm_student:
+    assert len(by_rule["evaluate_distilled"]) == len(planned) + 1  # + the teacher
+    if timm_student:  # its start point: imported once, evaluated per set (Table 3's "Standard training" row)
+        evaluated = {_fields(j["wildcards"])["clf"] for j in by_rule["evaluate"]}
+        assert f"timm/{d['student']}" in evaluated
         (imported,) = by_rule["import_timm"]
         spec = json.loads(_option(imported["shell"], "--model-spec"))
         assert spec["arch"] == params["models"][d["student"]]["arch"]
@@ -169,6 +173,12 @@ def _check_finetune_plan(params: dict, stem: str, jobs: list[dict[str, str]]) ->
     planned = sorted((w["run"], int(w["seed"])) for w in (_fields(j["wildcards"]) for j in by_rule["finetune"]))
     assert planned == sorted((run, seed) for run, spec in runs.items() for seed in spec.get("seeds", [0]))
     assert len(by_rule["evaluate_finetuned"]) == len(planned)
+    timm_start = params["models"][ft["model"]]["family"] == "timm"
+    start = f"models/{'timm' if timm_start else 'zeroshot'}/{ft['model']}"
+    for job in by_rule["finetune"] + by_rule["evaluate_finetuned"]:
+        assert _option(job["shell"], "--zeroshot") == start  # the start point, and WiSE-FT's α = 0 end
+    for job in by_rule["evaluate_finetuned"]:  # the energy gap is against CLIP's text tower: none for timm
+        assert ("--energy-gap" in shlex.split(job["shell"])) != timm_start
     for job in by_rule["finetune"]:
         run = _fields(job["wildcards"])["run"]
         assert json.loads(_option(job["shell"], "--params")) == {**ft["recipe"], **runs[run].get("recipe", {})}

@@ -134,6 +134,16 @@ def test_method_summary_mean_std_order_and_shift_mean(df):
     assert "WiSE-FT (α=0.1) on FT" in sweep.index and "WiSE-FT (α=0.1) on FT" not in table.index
 
 
+def test_a_timm_start_point_is_the_zero_shot_kind_row(df):
+    """A unimodal model fine-tuned from its imported classifier `timm/<model>` (paper Table 3)."""
+    timm = df.copy()
+    start = timm["model_id"] == f"zeroshot/{M}"
+    timm.loc[start, "model_id"], timm.loc[start, "method"] = f"timm/{M}", "pretrained"
+    table = method_summary(timm, "accuracy")
+    assert list(table.index)[:2] == ["Standard training", "FT"] and "Zero-shot" not in table.index
+    assert table.loc["Standard training"][(SHIFT_MEAN, "mean")] == pytest.approx(45.0)
+
+
 def test_ece_nll_tables(df):
     ece = method_summary(df, "ece")
     assert ece.loc["FT", ("photo", "mean")] == pytest.approx(7.0)  # 6, 7, 8 %

@@ -467,11 +467,8 @@ def cmd_teacher(a: argparse.Namespace) -> None:
 def cmd_import_timm(a: argparse.Namespace) -> None:
     """A pre-trained timm classifier (its own head, e.g. ImageNet-1k) as a classifier directory: the start
     point of a unimodal student (paper Table 3) and its "Standard training" row."""
-    import torch
-
     from robustify.config import ModelSpec
     from robustify.data.registry import get_dataset
-    from robustify.eval.cost import gflops
     from robustify.models.timm_models import create_timm, save_timm_classifier, timm_classifier
     from robustify.tracking import job_run
 
@@ -492,15 +489,9 @@ def cmd_import_timm(a: argparse.Namespace) -> None:
         if model.num_classes != len(classes):
             raise SystemExit(f"{where}: the checkpoint {spec['checkpoint']} has a {model.num_classes}-class head, "
                              f"but dataset '{a.train_dataset}' has {len(classes)} classes")
-        classifier = timm_classifier(model, spec.get("image_size"))
-        size = int(classifier.encoder.preprocess_cfg["size"])
-        # the import trains nothing (as a zero-shot head): its cost rows say so, next to its inference FLOPs
-        cost = {"trainable_params": 0.0, "train_ms_per_image": 0.0,
-                "inference_gflops": gflops(classifier, torch.zeros(1, 3, size, size)), "inference_gflops_overhead": 0.0}
         info = {"model_id": f"timm/{a.model_name}", "method": "pretrained", "run": a.model_name, "seed": 0,
-                "train_dataset": a.train_dataset, "classes": list(classes), "checkpoint": str(spec["checkpoint"]),
-                "cost": cost}
-        save_timm_classifier(a.out, classifier, spec["arch"], info)
+                "train_dataset": a.train_dataset, "classes": list(classes), "checkpoint": str(spec["checkpoint"])}
+        save_timm_classifier(a.out, timm_classifier(model, spec.get("image_size")), spec["arch"], info)
         log.info("timm/%s: %s from %s", a.model_name, spec["arch"], spec["checkpoint"])
 
 

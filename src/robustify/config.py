@@ -161,7 +161,17 @@ def _finetune_problems(p: Mapping[str, Any], known: set[str]) -> list[str]:
     runs = selected_runs(ft)
     if ft["model"] is None or not runs:
         return out
-    out += _start_problems(p, "finetune", "model", known, "the zero-shot head's label space is the one fine-tuned")
+    model = p["models"].get(ft["model"])
+    if model is not None and model["family"] == "timm":  # unimodal (paper Table 3): FT / LP / WiSE-FT from its own head
+        out += _timm_start_problems(p, "finetune", "model", known)
+        if ft["corpus_split"] is not None:
+            out.append(f"finetune.corpus_split: '{ft['corpus_split']}' feeds Lipsum-FT's text tower; a timm start "
+                       f"('{ft['model']}') has none (set it to null)")
+        out += [f"posthoc.{kind}.runs: {post[kind]['runs']} — {kind} is not supported from a timm start "
+                f"('{ft['model']}'): its jobs read a CLIP zero-shot classifier (set runs: [])"
+                for kind in ("tpgm", "tpgm-c", "soups") if post[kind]["runs"]]
+    else:
+        out += _start_problems(p, "finetune", "model", known, "the zero-shot head's label space is the one fine-tuned")
     seeds = {run: spec.get("seeds", [0]) for run, spec in runs.items()}
     for kind in ("tpgm", "tpgm-c"):
         for run in post[kind]["runs"]:
@@ -209,23 +219,24 @@ def _distill_problems(p: Mapping[str, Any], known: set[str]) -> list[str]:
                        f"the same image every epoch), got '{augment}'")
     student = p["models"].get(d["student"])
     if student is not None and student["family"] == "timm":  # unimodal (paper Table 3): its own pre-trained head
-        return out + _timm_start_problems(p, known)
+        return out + _timm_start_problems(p, "distill", "student", known)
     return out + _start_problems(p, "distill", "student", known, "the student's zero-shot head defines the label space")
 
 
-def _timm_start_problems(p: Mapping[str, Any], known: set[str]) -> list[str]:
-    """A timm student starts from its checkpoint's classifier: it needs the weights, and no run may need CLIP."""
-    d, out = p["distill"], []
-    name = d["student"]
-    if p["models"][name]["checkpoint"] is None:
-        out.append(f"distill.student: timm model '{name}' has no checkpoint (models.{name}.checkpoint: a pre-trained "
-                   "start point needs its weights)")
-    for run_name, run in selected_runs(d).items():
-        params = {**(d.get("defaults") or {}), **(run.get("params") or {})}
+def _timm_start_problems(p: Mapping[str, Any], name: str, model_key: str, known: set[str]) -> list[str]:
+    """A timm model starts from its checkpoint's classifier (`import-timm`): it needs the weights, and no
+    run may need CLIP's text tower or zero-shot head."""
+    sec, out = p[name], []
+    model = sec[model_key]
+    if p["models"][model]["checkpoint"] is None:
+        out.append(f"{name}.{model_key}: timm model '{model}' has no checkpoint (models.{model}.checkpoint: a "
+                   "pre-trained start point needs its weights)")
+    for run_name, run in selected_runs(sec).items():
+        params = {**(sec.get("defaults") or {}), **(run.get("params") or {})}
         if run["method"] in CLIP_START_METHODS or params.get("setup") == "zeroshot":
-            out.append(f"distill.runs.{run_name}: method '{run['method']}' (setup {params.get('setup', 'visual')}) needs "
-                       f"a CLIP student; distill.student '{name}' is a timm model")
-    return out + _data_problems(p, "distill", known)
+            out.append(f"{name}.runs.{run_name}: method '{run['method']}' (setup {params.get('setup', 'visual')}) needs "
+                       f"a CLIP start point; {name}.{model_key} '{model}' is a timm model")
+    return out + _data_problems(p, name, known)
 
 
 def _select_problems(section: Mapping[str, Any], name: str) -> list[str]:

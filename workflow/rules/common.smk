@@ -56,7 +56,8 @@ wildcard_constraints:
     corruption=r"[a-z_]+",
     severity=r"[1-5]",
     shard=r"\d+",
-    clf=r"zeroshot/[A-Za-z0-9][A-Za-z0-9_.-]*",  # per-set evaluation; trained models: evaluate_tuned
+    # per-set evaluation of start points (zero-shot, imported timm); trained models: evaluate_tuned
+    clf=r"(zeroshot|timm)/[A-Za-z0-9][A-Za-z0-9_.-]*",
     run=runs_regex(selected_runs(config["finetune"])),
     drun=runs_regex(selected_runs(config["distill"])),
     teacher=runs_regex(config["teachers"]),
@@ -280,6 +281,7 @@ def metric_files():
         ]
         + tuned_metric_files()
         + distill_metric_files()
+        + timm_start_metric_files()
     )
 
 
@@ -293,8 +295,22 @@ def val_args():
     )
 
 
+def is_timm(model):
+    return config["models"][model]["family"] == "timm"
+
+
+def start_classifier(model):
+    """The classifier directory a fine-tuning or distillation run of `model` starts from: a CLIP's
+    zero-shot classifier, or a timm model's own pre-trained classifier imported as timm/<model>.
+    """
+    return f"models/timm/{model}" if is_timm(model) else f"models/zeroshot/{model}"
+
+
 def energy_gap_args():
-    """finetune.energy_gap and, for the `seen` token pool, the captions it draws from."""
+    """finetune.energy_gap and, for the `seen` token pool, the captions it draws from (none for a timm
+    start: the gap is measured against CLIP's text tower)."""
+    if FT_MODEL is not None and is_timm(FT_MODEL):
+        return ""
     gap = FT["energy_gap"]
     args = f"--energy-gap '{as_json(gap)}'"
     if gap["vocab"] == "seen":
@@ -339,23 +355,23 @@ def distill_params(run):
     return {**base, **spec.get("params", {})}
 
 
-# a timm student (unimodal, paper Table 3) starts from its pre-trained classifier, imported as timm/<model>;
-# a CLIP student from its zero-shot classifier
-DISTILL_TIMM_START = (
-    DISTILL_STUDENT is not None
-    and config["models"][DISTILL_STUDENT]["family"] == "timm"
-)
+def timm_start_metric_files():
+    """Imported timm start points (paper Table 3's "Standard training" row) on the eval sets of the
+    stages that start from them, one job per set as for zero-shot classifiers."""
+    starts = [(FT_MODEL, FT_EVAL_SETS)] if FT_RUNS else []
+    starts += [(DISTILL_STUDENT, DISTILL_EVAL_SETS)] if DISTILL_RUNS else []
+    files = [
+        f"results/metrics/timm/{model}/{name}.parquet"
+        for model, sets in starts
+        if is_timm(model)
+        for name in sets
+    ]
+    return list(dict.fromkeys(files))
 
 
-def distill_start(model):
-    """The classifier directory a distillation run of `model` starts from."""
-    if config["models"][model]["family"] == "timm":
-        return f"models/timm/{model}"
-    return f"models/zeroshot/{model}"
-
-
-def timm_start_ids():
-    return [f"timm/{DISTILL_STUDENT}"] if DISTILL_TIMM_START and DISTILL_RUNS else []
+def timm_start_dataset(model):
+    """The dataset whose label space an imported timm start point must have (the stage it starts)."""
+    return FT["dataset"] if FT_RUNS and model == FT_MODEL else DISTILL["dataset"]
 
 
 def model_spec_resolved(name):
@@ -386,7 +402,7 @@ def teacher_spec(name):
 def distill_metric_files():
     files = [
         f"results/metrics/{clf}/{name}.parquet"
-        for clf in distilled_ids() + teacher_ids() + timm_start_ids()
+        for clf in distilled_ids() + teacher_ids()
         for name in DISTILL_EVAL_SETS
     ]
     return files + [

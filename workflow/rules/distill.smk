@@ -35,7 +35,7 @@ rule teacher:
 rule import_timm:
     """A pre-trained timm classifier (its own head) as the start point of a unimodal student (Table 3)."""
     input:
-        manifest=dataset_manifest(DISTILL["dataset"]),
+        manifest=lambda w: dataset_manifest(timm_start_dataset(w.model)),
     output:
         clf="models/timm/{model}/classifier.json",
         weights="models/timm/{model}/model.safetensors",
@@ -49,9 +49,9 @@ rule import_timm:
     params:
         spec=lambda w: as_json(model_spec_resolved(w.model)),
         root=subpath(input.manifest, parent=True),
-        type=dataset_type(DISTILL["dataset"]),
-        options=as_json(dataset_options(DISTILL["dataset"])),
-        train_dataset=DISTILL["dataset"],
+        type=lambda w: dataset_type(timm_start_dataset(w.model)),
+        options=lambda w: as_json(dataset_options(timm_start_dataset(w.model))),
+        train_dataset=lambda w: timm_start_dataset(w.model),
         out=subpath(output.clf, parent=True),
     shell:
         "robustify import-timm --model-name {wildcards.model} --model-spec {params.spec:q}"
@@ -65,7 +65,7 @@ rule distill:
     from the student's zero-shot classifier (a timm student: its imported classifier), through the one
     fine-tuning loop."""
     input:
-        zeroshot=lambda w: f"{distill_start(w.model)}/classifier.json",
+        zeroshot=lambda w: f"{start_classifier(w.model)}/classifier.json",
         teacher="models/teachers/{teacher}/classifier.json",
         manifest=dataset_manifest(DISTILL["dataset"]),
     output:
@@ -120,7 +120,7 @@ rule evaluate_distilled:
     log:
         "logs/evaluate/{dclf}.log",
     wildcard_constraints:
-        dclf=r"teachers/[^/]+|timm/[^/]+|distill/[^/]+/[^/]+/[^/]+/s\d+",
+        dclf=r"teachers/[^/]+|distill/[^/]+/[^/]+/[^/]+/s\d+",
     conda:
         "../../environment.yml"
     threads: config["resources"]["evaluate"]["threads"]

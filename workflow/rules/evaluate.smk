@@ -45,7 +45,7 @@ rule evaluate_finetuned:
     """
     input:
         clf="models/ft/{model}/{run}/s{seed}/classifier.json",
-        zeroshot="models/zeroshot/{model}/classifier.json",
+        zeroshot=lambda w: f"{start_classifier(w.model)}/classifier.json",
         manifests=[
             dataset_manifest(config["eval_sets"][s]["dataset"]) for s in FT_EVAL_SETS
         ],

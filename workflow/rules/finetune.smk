@@ -1,7 +1,7 @@
 rule finetune:
     """One fine-tuning run: a registered method from the zero-shot classifier (SPEC §2, one loop)."""
     input:
-        zeroshot="models/zeroshot/{model}/classifier.json",
+        zeroshot=lambda w: f"{start_classifier(w.model)}/classifier.json",
         manifest=dataset_manifest(FT["dataset"]),
     output:
         clf="models/ft/{model}/{run}/s{seed}/classifier.json",
