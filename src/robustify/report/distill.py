@@ -54,7 +54,8 @@ KD_BLOCK: tuple[str, ...] = ("single-teacher", "only-kd", "combined-head", "apt"
 KD_METHODS = frozenset({"single-teacher", "only-kd", "combined-head", "three-head"})
 ZEROSHOT_ORDER: tuple[str, ...] = ("zs-ft", "apt")  # then other zero-shot-setup runs, then Ours
 NAMES: dict[str, str] = {
-    "zeroshot": "Zero-shot", "pretrained": "Standard training", "lp": "LP", "ft": "FT", "vpt-shallow": "VPT (shallow)", "vpt-deep": "VPT (deep)",
+    "zeroshot": "Zero-shot", "pretrained": "Standard training", "lp": "LP", "ft": "FT",
+    "vpt-shallow": "VPT (shallow)", "vpt-deep": "VPT (deep)",
     "single-teacher": "Single-Teacher", "only-kd": "Only K.D.", "combined-head": "Combined head", "apt": "APT",
     "three-head": "Ours", "three-head-no-kd": "Ours w/o K.D.", "zs-ft": "ZS-Full tuning",
 }

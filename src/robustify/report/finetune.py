@@ -26,7 +26,8 @@ FINETUNE_METHODS: tuple[str, ...] = ("ft", "scratch-ft", "lp", "lp-ft", "ema", "
 POSTHOC_METHODS: tuple[str, ...] = ("wise", "tpgm", "tpgm-c")
 SOUP_METHODS: tuple[str, ...] = ("uniform-soup", "greedy-soup", "greedy-ensemble")
 DISPLAY_NAMES: dict[str, str] = {
-    "zeroshot": "Zero-shot", "pretrained": "Standard training", "ft": "FT", "scratch-ft": "Scratch-FT", "lp": "LP", "lp-ft": "LP-FT", "ema": "EMA",
+    "zeroshot": "Zero-shot", "pretrained": "Standard training", "ft": "FT", "scratch-ft": "Scratch-FT", "lp": "LP",
+    "lp-ft": "LP-FT", "ema": "EMA",
     "l2sp": "L2SP", "kd": "KD", "car-ft": "CAR-FT", "featkd": "FeatKD", "lipsum-ft": "Lipsum-FT",
     "wise": "WiSE-FT", "tpgm": "TPGM", "tpgm-c": "TPGM-C", "uniform-soup": "Uniform soup",
     "greedy-soup": "Greedy soup", "greedy-ensemble": "Greedy ensemble",
