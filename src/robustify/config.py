@@ -148,6 +148,18 @@ def _cross_reference_problems(p: Mapping[str, Any]) -> list[str]:
 CLIP_START_METHODS = frozenset({"lipsum-ft", "car-ft", "zs-ft", "vpt-shallow", "vpt-deep"})
 
 
+# The partial-tuning family ("Efficiently Robustify") takes distill.defaults (fraction tuned, a, dropout,
+# augmentation, ...); the other distill runs (VPT, ZS-FT) take only their own params.
+PARTIAL_METHODS = frozenset({"three-head", "three-head-no-kd", "single-teacher", "only-kd", "combined-head", "apt"})
+
+
+def run_params(section: Mapping[str, Any], run: Mapping[str, Any]) -> dict[str, Any]:
+    """The method params a run of `section` (finetune or distill) trains with: its own over the section's
+    `defaults` when its method takes them."""
+    base = (section.get("defaults") or {}) if run["method"] in PARTIAL_METHODS else {}
+    return {**base, **(run.get("params") or {})}
+
+
 def selected_runs(finetune: Mapping[str, Any]) -> dict[str, Any]:
     """finetune.runs restricted to finetune.select (all, or the listed keys)."""
     runs, select = finetune["runs"], finetune["select"]
@@ -214,7 +226,7 @@ def _distill_problems(p: Mapping[str, Any], known: set[str]) -> list[str]:
     for name in selected_runs(d):
         run = d["runs"][name]
         augment = {**d["recipe"], **(run.get("recipe") or {})}.get("augment")
-        if {**(d.get("defaults") or {}), **(run.get("params") or {})}.get("cache_prefix") and augment != "none":
+        if run_params(d, run).get("cache_prefix") and augment != "none":
             out.append(f"distill.runs.{name}: cache_prefix needs recipe augment: none (a cached clean row must be "
                        f"the same image every epoch), got '{augment}'")
     student = p["models"].get(d["student"])
@@ -232,7 +244,7 @@ def _timm_start_problems(p: Mapping[str, Any], name: str, model_key: str, known:
         out.append(f"{name}.{model_key}: timm model '{model}' has no checkpoint (models.{model}.checkpoint: a "
                    "pre-trained start point needs its weights)")
     for run_name, run in selected_runs(sec).items():
-        params = {**(sec.get("defaults") or {}), **(run.get("params") or {})}
+        params = run_params(sec, run)
         if run["method"] in CLIP_START_METHODS or params.get("setup") == "zeroshot":
             out.append(f"{name}.runs.{run_name}: method '{run['method']}' (setup {params.get('setup', 'visual')}) needs "
                        f"a CLIP start point; {name}.{model_key} '{model}' is a timm model")

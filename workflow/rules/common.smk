@@ -5,7 +5,7 @@ import os
 import re
 import uuid
 
-from robustify.config import selected_runs, validate_params
+from robustify.config import run_params, selected_runs, validate_params
 from robustify.corruptions.names import corruption_names, perturbation_names
 from robustify.data.registry import corrupted_type
 
@@ -330,15 +330,6 @@ TEACHERS = [DISTILL["teacher"]] if DISTILL_RUNS else []
 DISTILL_EVAL_SETS = (
     list(config["eval_sets"]) if DISTILL["eval_sets"] == "all" else DISTILL["eval_sets"]
 )
-# the partial-tuning family takes distill.defaults (fraction tuned, a, dropout, augmentation, ...)
-PARTIAL_METHODS = (
-    "three-head",
-    "three-head-no-kd",
-    "single-teacher",
-    "only-kd",
-    "combined-head",
-    "apt",
-)
 
 
 def distill_seeds(run):
@@ -350,9 +341,7 @@ def distill_recipe(run):
 
 
 def distill_params(run):
-    spec = DISTILL_RUNS[run]
-    base = DISTILL["defaults"] if spec["method"] in PARTIAL_METHODS else {}
-    return {**base, **spec.get("params", {})}
+    return run_params(DISTILL, DISTILL_RUNS[run])
 
 
 def timm_start_metric_files():
